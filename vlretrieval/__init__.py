@@ -1,0 +1,3 @@
+"""vlretrieval: cross-modal image-text retrieval in JAX/Flax."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,113 @@
+"""`vlretrieval <command>`: prepare-data, train, eval, demo.
+
+Every command takes `--config FILE[:ARG]` and any number of `--config.key=value` overrides.
+Bad input (an unknown config key, a missing file, an unwritable workdir, a diverged loss) ends with
+one `error: ...` line and exit status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from vlretrieval.errors import UserError
+
+DEFAULT_CONFIG = os.path.join("configs", "demo.py")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlretrieval",
+        description="Image-text retrieval in JAX/Flax: train, evaluate and inspect models.",
+        epilog="Override any config field with --config.SECTION.KEY=VALUE, e.g. "
+        "--config.train.batch_size=64.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help_text: str, workdir: bool = True) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--config", default=DEFAULT_CONFIG, help="config file, optionally FILE:ARG")
+        if workdir:
+            sub.add_argument("--workdir", required=True, help="where checkpoints and results go")
+        sub.add_argument(
+            "--data_dir", help="shorthand for --config.data.data_dir (where datasets are built)"
+        )
+        sub.add_argument("--no_progress", action="store_true", help="no progress bar")
+        return sub
+
+    command("prepare-data", "Build the config's dataset and tokenizer (the demo set is generated).", workdir=False)
+    command("train", "Train (resuming from the latest checkpoint in --workdir), then evaluate.")
+    command("eval", "Evaluate the latest checkpoint in --workdir and write results.json.")
+    command("demo", "Train and evaluate the demo end to end and print the results table.")
+    return parser
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separate `--config.key=value` (or `--config.key value`) overrides from ordinary flags."""
+    rest, overrides = [], []
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        if arg.startswith("--config."):
+            key_value = arg[len("--config.") :]
+            if "=" not in key_value:
+                if index + 1 >= len(argv):
+                    raise UserError(f"{arg} needs a value: {arg}=VALUE")
+                key_value = f"{key_value}={argv[index + 1]}"
+                index += 1
+            overrides.append(key_value)
+        else:
+            rest.append(arg)
+        index += 1
+    return rest, overrides
+
+
+def run(argv: list[str]) -> int:
+    rest, overrides = _split_overrides(argv)
+    args = _parser().parse_args(rest)
+    if args.data_dir:
+        overrides.insert(0, f"data.data_dir={args.data_dir}")
+
+    # Imports after argument parsing: `--help` stays instant, and JAX starts only when needed.
+    from vlretrieval.config import load_config
+
+    config = load_config(args.config, overrides)
+    if args.command == "prepare-data":
+        from vlretrieval.data import datasets
+
+        data = datasets.open_dataset(config.data, seed=config.seed)
+        print(f"dataset ready in {data.directory}; tokenizer vocabulary {data.tokenizer.vocab_size}")
+        return 0
+
+    from vlretrieval import train
+    from vlretrieval.evaluate import format_table
+
+    progress = not args.no_progress
+    if args.command in ("train", "demo"):
+        results = train.train_and_evaluate(config, args.workdir, progress=progress)
+        if args.command == "demo":
+            print(f"\nresults: {os.path.join(args.workdir, 'results.json')}; "
+                  f"wall time {results['wall_seconds']:.0f} s")
+        return 0
+    if args.command == "eval":
+        results = train.evaluate_checkpoint(config, args.workdir)
+        print(format_table(results, config.eval.recall_at))
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = run(sys.argv[1:] if argv is None else argv)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

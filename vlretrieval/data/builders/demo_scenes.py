@@ -1,0 +1,283 @@
+"""The bundled demo set: procedurally drawn scenes of shapes with captions in four languages.
+
+A tensorflow-datasets builder (array_record files, read back with `as_data_source`, no TensorFlow)
+so the demo runs on exactly the code path of real benchmarks, and a `prepare_demo_data` that
+builds it once into a data directory, with a WordPiece tokenizer trained on its training captions.
+Everything is a function of the config's seed: two builds are identical.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import io
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+from vlretrieval.data import tokenizer as tokenizer_lib
+from vlretrieval.data.builders import scenes
+from vlretrieval.data.builders.scenes import CONTENT_WORDS, LANGUAGES, description  # noqa: F401
+from vlretrieval.errors import UserError
+
+SPLITS = ("train", "validation", "test")
+# Test images get distinct descriptions, so every test caption has exactly one correct image.
+UNIQUE_SPLITS = frozenset({"test"})
+TOKENIZER_FILENAME = "tokenizer.json"
+TOKENIZER_VOCAB_SIZE = 2000
+
+
+@dataclasses.dataclass(eq=False)
+class DemoScenesConfig(tfds.core.BuilderConfig):
+    """Seed and split sizes of a demo build; the name picks its folder under the data dir."""
+
+    seed: int = 0
+    num_train: int = 20_000
+    num_validation: int = 1_000
+    num_test: int = 1_000
+
+    def split_sizes(self) -> dict[str, int]:
+        """Number of images per split name."""
+        return {"train": self.num_train, "validation": self.num_validation, "test": self.num_test}
+
+
+DEFAULT_CONFIG = DemoScenesConfig(name="default", description="seed 0, 20k/1k/1k images")
+
+
+def split_scenes(seed: int, split: str, count: int) -> Iterator[scenes.Scene]:
+    """The scenes of one split, without rendering: what the builder draws, for checks and tests."""
+    return scenes.sample_scenes(_split_rngs(seed, split)[0], count, unique=split in UNIQUE_SPLITS)
+
+
+def split_examples(seed: int, split: str, count: int) -> Iterator[dict[str, Any]]:
+    """The examples of one split as feature dicts (image, image_id, description, captions)."""
+    # Separate streams: the scenes of a split do not depend on how images or captions are drawn.
+    scene_rng, pixel_rng, caption_rng = _split_rngs(seed, split)
+    drawn = scenes.sample_scenes(scene_rng, count, unique=split in UNIQUE_SPLITS)
+    for index, scene in enumerate(drawn):
+        yield {
+            "image": scenes.render_scene(scene, pixel_rng),
+            "image_id": index,
+            "description": scenes.description(scene),
+            "captions": {lang: scenes.scene_captions(scene, lang, caption_rng) for lang in LANGUAGES},
+        }
+
+
+def _split_rngs(seed: int, split: str) -> list[np.random.Generator]:
+    """Independent (scene, pixel, caption) generators derived from (seed, split)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}")
+    sequence = np.random.SeedSequence([seed, SPLITS.index(split)])
+    return [np.random.default_rng(child) for child in sequence.spawn(3)]
+
+
+class DemoScenes(tfds.core.GeneratorBasedBuilder):
+    """Shapes-and-captions scenes, 64x64 RGB, five captions in each of en/de/fr/es per image."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First release."}
+    BUILDER_CONFIGS = [DEFAULT_CONFIG]
+    DEFAULT_BUILDER_CONFIG_NAME = "default"
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        """This file. tfds's own lookup imports `importlib_resources`, which tfds 4.9.10 does not
+        install on Python >= 3.9 (tensorflow/datasets#11212), so building would fail without it."""
+        return epath.Path(__file__)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        config = self.builder_config
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=__doc__.splitlines()[0],
+            features=tfds.features.FeaturesDict(
+                {
+                    # Tensor, not Image: Image features need TensorFlow to encode PNGs.
+                    "image": tfds.features.Tensor(
+                        shape=(scenes.IMAGE_SIZE, scenes.IMAGE_SIZE, 3),
+                        dtype=np.uint8,
+                        encoding=tfds.features.Encoding.ZLIB,
+                    ),
+                    "image_id": tfds.features.Scalar(dtype=np.int64),
+                    "description": tfds.features.Text(),
+                    "captions": tfds.features.FeaturesDict(
+                        {lang: tfds.features.Sequence(tfds.features.Text()) for lang in LANGUAGES}
+                    ),
+                }
+            ),
+            # Written to metadata.json, so a later run can tell whether a build matches its config.
+            metadata=tfds.core.MetadataDict(_config_metadata(config)),
+        )
+
+    def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[int, dict[str, Any]]]]:
+        del dl_manager  # nothing to download
+        sizes = self.builder_config.split_sizes()
+        return {split: self._generate_examples(split, sizes[split]) for split in SPLITS}
+
+    def _generate_examples(self, split: str, count: int) -> Iterator[tuple[int, dict[str, Any]]]:
+        yield from enumerate(split_examples(self.builder_config.seed, split, count))
+
+
+def _config_metadata(config: DemoScenesConfig) -> dict[str, int]:
+    return {"seed": config.seed, **{f"num_{split}": n for split, n in config.split_sizes().items()}}
+
+
+def dataset_dir(builder: tfds.core.DatasetBuilder) -> str:
+    """The prepared dataset's folder (holding dataset_info.json), e.g. <data_dir>/demo_scenes/default/1.0.0."""
+    return os.fspath(builder.data_dir)
+
+
+def demo_tokenizer_path(builder: tfds.core.DatasetBuilder) -> str:
+    """Where `prepare_demo_data` saves the tokenizer trained on this build's training captions."""
+    return os.path.join(dataset_dir(builder), TOKENIZER_FILENAME)
+
+
+def prepare_demo_data(data_dir: str, config: DemoScenesConfig | None = None) -> DemoScenes:
+    """Builds the demo set and its tokenizer into `data_dir` on first use; reuses them afterwards."""
+    config = config or DEFAULT_CONFIG
+    root = Path(data_dir)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"data directory {data_dir} is a file: pass a directory for the demo data")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create data directory {data_dir} ({_one_line(error)}): pass a writable directory") from error
+
+    # Several processes of one job (local multi-host runs) may prepare the same directory at once:
+    # one builds, the others wait and reuse.
+    with _exclusive_lock(root / ".demo_scenes.lock"):
+        with _quiet_tfds():
+            builder = DemoScenes(config=config, data_dir=data_dir, file_format="array_record")
+        with _quiet_tfds():  # is_prepared warns when the folder is not there yet
+            prepared = builder.is_prepared()
+        if not prepared:
+            _generate(builder, data_dir)
+            with _quiet_tfds():
+                builder = DemoScenes(config=config, data_dir=data_dir, file_format="array_record")
+        _check_matches_config(builder, config)
+        if not os.path.isfile(demo_tokenizer_path(builder)):
+            _train_demo_tokenizer(builder, data_dir)
+    return builder
+
+
+def _generate(builder: DemoScenes, data_dir: str) -> None:
+    """Runs the tfds build with one line of output.
+
+    tfds writes into an `incomplete.*` sibling folder and renames it when done, so an interrupted
+    build never looks prepared (`is_prepared` needs dataset_info.json in the final folder) and the
+    next call starts again.
+    """
+    if not os.access(data_dir, os.W_OK):
+        raise UserError(f"data directory {data_dir} is not writable: pass a writable directory for the demo data")
+    sizes = "/".join(str(n) for n in builder.builder_config.split_sizes().values())
+    print(f"Generating the demo dataset ({sizes} images) in {dataset_dir(builder)} ...", end="", flush=True)
+    start = time.perf_counter()
+    try:
+        with _quiet_tfds():
+            builder.download_and_prepare(file_format="array_record")
+    except OSError as error:
+        print(" failed", flush=True)
+        raise UserError(f"cannot write the demo dataset into {data_dir} ({_one_line(error)}): pass a writable directory with ~100 MB free") from error
+    print(f" done in {time.perf_counter() - start:.1f} s", flush=True)
+    # tfds's download manager leaves an empty downloads/extracted behind: nothing was downloaded.
+    for empty in ("downloads/extracted", "downloads"):
+        with contextlib.suppress(OSError):  # not empty (other datasets use it) or already gone
+            os.rmdir(os.path.join(data_dir, empty))
+
+
+@contextlib.contextmanager
+def _quiet_tfds() -> Iterator[None]:
+    """Silences tfds's progress bars, prints and info warnings, which would break the one line.
+
+    Everything is restored afterwards: the caller's logging and progress-bar choices stand.
+    """
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    bars_were_on = getattr(tfds.core.utils.tqdm_utils, "_active", True)
+    absl_logger.setLevel(logging.ERROR)
+    tfds.display_progress_bar(False)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        tfds.display_progress_bar(bars_were_on)
+        absl_logger.setLevel(level)
+
+
+def _check_matches_config(builder: DemoScenes, config: DemoScenesConfig) -> None:
+    """Refuses to reuse a build made from another seed or size under the same config name."""
+    found = dict(builder.info.metadata or {})
+    wanted = _config_metadata(config)
+    if {key: found.get(key) for key in wanted} != wanted:
+        raise UserError(
+            f"demo data in {dataset_dir(builder)} was built with {found}, not {wanted}: "
+            "give this config another name, or delete that folder to rebuild it"
+        )
+
+
+def _train_demo_tokenizer(builder: DemoScenes, data_dir: str) -> None:
+    """Trains the WordPiece tokenizer on the training captions of all languages and saves it."""
+    source = builder.as_data_source(split="train")
+
+    def captions() -> Iterator[str]:
+        for index in range(len(source)):
+            for texts in source[index]["captions"].values():
+                yield from (text.decode("utf-8") for text in texts)
+
+    tokenizer = tokenizer_lib.train_wordpiece_tokenizer(captions(), vocab_size=TOKENIZER_VOCAB_SIZE)
+    try:
+        tokenizer_lib.TextTokenizer(tokenizer).save(demo_tokenizer_path(builder))
+    except OSError as error:
+        raise UserError(f"cannot write the demo tokenizer into {data_dir} ({_one_line(error)}): pass a writable directory") from error
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    """Holds an advisory lock on `path`; without one (read-only directory) runs unlocked."""
+    try:
+        handle = open(path, "a")
+    except OSError:
+        # A read-only directory can still hold a finished build; building there fails clearly.
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def load_prepared_dataset(dataset_dir: str) -> tfds.core.DatasetBuilder:
+    """Opens a prepared tfds dataset folder (the one holding dataset_info.json) without its builder code."""
+    path = Path(dataset_dir)
+    if not path.exists():
+        raise UserError(f"dataset directory {dataset_dir} does not exist: pass the folder that holds dataset_info.json")
+    if not (path / "dataset_info.json").is_file():
+        hint = ""
+        if path.is_dir():  # the data dir itself is a common mistake: point at what is inside
+            found = sorted(path.glob("*/dataset_info.json")) + sorted(path.glob("*/*/*/dataset_info.json"))
+            if found:
+                hint = f" (did you mean {found[0].parent}?)"
+        raise UserError(
+            f"{dataset_dir} is not a prepared tensorflow-datasets directory (no dataset_info.json): "
+            f"pass the folder that holds it, e.g. <data_dir>/demo_scenes/default/1.0.0{hint}"
+        )
+    try:
+        return tfds.builder_from_directory(dataset_dir)
+    except Exception as error:  # tfds raises many types for a damaged folder
+        raise UserError(f"cannot read the dataset in {dataset_dir} ({_one_line(error)}): prepare it again") from error
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

@@ -1,0 +1,89 @@
+"""grain input pipelines over tfds data sources: sample a caption, tokenize, normalise, batch.
+
+Training batches are a random-access `grain.MapDataset`: batch `step` is a pure function of
+(seed, step, host), so a resumed run continues with exactly the examples it had not yet seen by
+starting at its step, and every host reads a disjoint shard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from vlretrieval.data.tokenizer import TextTokenizer
+
+
+def normalize_images(images: np.ndarray) -> np.ndarray:
+    """uint8 [0, 255] -> float32 [-1, 1], the range the patch embedding is initialised for."""
+    return images.astype(np.float32) / 127.5 - 1.0
+
+
+def _pick_caption(languages: Sequence[str]):
+    """A random_map function: one image with one caption drawn from any of its languages."""
+
+    def pick(record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        language = languages[rng.integers(len(languages))]
+        captions = record["captions"][language]
+        caption = captions[rng.integers(len(captions))]
+        if isinstance(caption, bytes):
+            caption = caption.decode("utf-8")
+        return {"image": record["image"], "caption": caption}
+
+    return pick
+
+
+def _tokenize_batch(tokenizer: TextTokenizer, max_length: int):
+    def tokenize(batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        token_ids, text_mask = tokenizer.encode(list(batch["caption"]), max_length)
+        return {
+            "images": normalize_images(batch["image"]),
+            "token_ids": token_ids,
+            "text_mask": text_mask,
+        }
+
+    return tokenize
+
+
+def training_dataset(
+    source: Sequence[dict[str, Any]],
+    tokenizer: TextTokenizer,
+    *,
+    local_batch_size: int,
+    languages: Sequence[str],
+    max_text_length: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.MapDataset:
+    """An endless, per-epoch reshuffled MapDataset of this host's batches; index = step."""
+    dataset = grain.MapDataset.source(source)
+    dataset = dataset[process_index::process_count]  # each host reads a disjoint shard
+    return (
+        dataset.shuffle(seed=seed)
+        .repeat(None)  # repeat after shuffle: grain reshuffles every epoch
+        .random_map(_pick_caption(tuple(languages)), seed=seed + 1)
+        .batch(local_batch_size, drop_remainder=True)
+        .map(_tokenize_batch(tokenizer, max_text_length))
+    )
+
+
+def iterate_from(dataset: grain.MapDataset, start_step: int, threads: int = 2) -> Iterator[dict]:
+    """Batches `start_step, start_step + 1, ...`, prepared in background threads."""
+    options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4)
+    return iter(dataset[start_step:].to_iter_dataset(options))
+
+
+def load_split(source: Sequence[dict[str, Any]], languages: Sequence[str]) -> dict[str, Any]:
+    """A whole (evaluation) split in memory: uint8 images and, per language, its captions."""
+    records = [source[index] for index in range(len(source))]
+    images = np.stack([record["image"] for record in records])
+    captions = {}
+    for language in languages:
+        captions[language] = [
+            [c.decode("utf-8") if isinstance(c, bytes) else c for c in record["captions"][language]]
+            for record in records
+        ]
+    return {"images": images, "captions": captions}

@@ -1,0 +1,154 @@
+"""Text tokenizers: Hugging Face `tokenizers` loaded from a local path, or trained for the demo.
+
+The rest of the project sees only `TextTokenizer.encode`, which turns a batch of strings into
+fixed-shape int32 arrays (ids and mask) ready to be stacked into a batch and sharded.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from vlretrieval.errors import UserError
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4 in a trained tokenizer
+# Names of the same roles in the tokenizers people bring (BERT, XLM-R/RoBERTa, CLIP).
+_PAD_NAMES = ("[PAD]", "<pad>", "<|pad|>")
+_CLS_NAMES = ("[CLS]", "<s>", "<|startoftext|>")
+_SEP_NAMES = ("[SEP]", "</s>", "<|endoftext|>")
+_MASK_NAMES = ("[MASK]", "<mask>")
+
+
+def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int = 2000) -> tokenizers.Tokenizer:
+    """Trains a BERT-style WordPiece tokenizer (lowercased, accents kept) on `texts`, deterministically."""
+    tokenizer = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    # NFC first so a decomposed "u + combining diaeresis" and a composed "ü" give the same tokens;
+    # accents are kept because they carry meaning in de/fr/es ("über", "à").
+    tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.BertNormalizer(lowercase=True, strip_accents=False)]
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[(name, tokenizer.token_to_id(name)) for name in ("[CLS]", "[SEP]")],
+    )
+    return tokenizer
+
+
+class TextTokenizer:
+    """A `tokenizers.Tokenizer` that encodes batches into fixed-length int32 ids and masks."""
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer, source: str = "the tokenizer") -> None:
+        self._tokenizer = tokenizer
+        # One configured copy per max_length: encoding never mutates a tokenizer another caller
+        # (or thread) is using, and the tokenizer's own saved padding/truncation are overridden.
+        self._by_length: dict[int, tokenizers.Tokenizer] = {}
+        padding = tokenizer.padding
+        pad_id = padding["pad_id"] if padding else _first_id(tokenizer, _PAD_NAMES)
+        cls_id, sep_id = _first_id(tokenizer, _CLS_NAMES), _first_id(tokenizer, _SEP_NAMES)
+        for role, value, names in (("padding", pad_id, _PAD_NAMES), ("start", cls_id, _CLS_NAMES),
+                                   ("end", sep_id, _SEP_NAMES)):
+            if value is None:
+                raise UserError(f"{source} has no {role} token (none of {', '.join(names)}): use a BERT-style tokenizer")
+        self._pad_id, self._cls_id, self._sep_id = int(pad_id), int(cls_id), int(sep_id)
+        self._mask_id = _first_id(tokenizer, _MASK_NAMES)
+
+    @property
+    def tokenizer(self) -> tokenizers.Tokenizer:
+        """The wrapped Hugging Face tokenizer, as loaded."""
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, added tokens included: the size of the embedding table."""
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def pad_id(self) -> int:
+        return self._pad_id
+
+    @property
+    def cls_id(self) -> int:
+        return self._cls_id
+
+    @property
+    def sep_id(self) -> int:
+        return self._sep_id
+
+    @property
+    def mask_id(self) -> int | None:
+        """Id of the mask token for masked-LM, or None when the tokenizer has none."""
+        return self._mask_id
+
+    def encode(self, texts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and mask (1 = real token), both int32 [len(texts), max_length].
+
+        Long texts are cut before the special tokens are added, so the final [SEP] survives.
+        """
+        if isinstance(texts, str):  # a str is a Sequence[str] of characters: almost surely a bug
+            raise TypeError("encode takes a sequence of texts, not a single string")
+        encodings = self._configured(max_length).encode_batch_fast(list(texts))
+        ids = np.array([e.ids for e in encodings], dtype=np.int32).reshape(len(encodings), max_length)
+        mask = np.array([e.attention_mask for e in encodings], dtype=np.int32)
+        return ids, mask.reshape(len(encodings), max_length)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of one row of ids, special tokens and padding dropped (for logs and debugging)."""
+        return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def save(self, path: str) -> None:
+        """Writes tokenizer.json to `path` atomically, so a reader never sees half a file."""
+        temporary = f"{path}.tmp-{os.getpid()}"
+        self._tokenizer.save(temporary)
+        os.replace(temporary, path)
+
+    def _configured(self, max_length: int) -> tokenizers.Tokenizer:
+        configured = self._by_length.get(max_length)
+        if configured is None:
+            special = self._tokenizer.num_special_tokens_to_add(is_pair=False)
+            if max_length <= special:
+                raise UserError(f"max_length {max_length} is too small: it must exceed the {special} special tokens")
+            configured = tokenizers.Tokenizer.from_str(self._tokenizer.to_str())
+            configured.enable_truncation(max_length)
+            pad_token = self._tokenizer.id_to_token(self._pad_id) or "[PAD]"
+            configured.enable_padding(length=max_length, pad_id=self._pad_id, pad_token=pad_token)
+            self._by_length[max_length] = configured
+        return configured
+
+
+def _first_id(tokenizer: tokenizers.Tokenizer, names: Sequence[str]) -> int | None:
+    for name in names:
+        token_id = tokenizer.token_to_id(name)
+        if token_id is not None:
+            return token_id
+    return None
+
+
+def load_tokenizer(path: str) -> TextTokenizer:
+    """Loads a tokenizer.json file, or a Hugging Face tokenizer folder holding one; never downloads."""
+    location = Path(path)
+    if not location.exists():
+        raise UserError(f"tokenizer path {path} does not exist: pass a tokenizer.json file or a folder holding one")
+    file = location / "tokenizer.json" if location.is_dir() else location
+    if not file.is_file():
+        raise UserError(
+            f"tokenizer folder {path} has no tokenizer.json: save the tokenizer there with a fast "
+            "Hugging Face tokenizer (tokenizer.save_pretrained), or pass the file itself"
+        )
+    try:
+        tokenizer = tokenizers.Tokenizer.from_file(os.fspath(file))
+    except Exception as error:  # tokenizers raises a bare Exception for malformed JSON
+        reason = (str(error).strip().splitlines() or ["unreadable"])[0]
+        raise UserError(f"cannot parse tokenizer file {file} ({reason}): pass a Hugging Face tokenizer.json") from error
+    return TextTokenizer(tokenizer, source=f"tokenizer {file}")

@@ -1,0 +1,75 @@
+"""Builds a model from the `model` section of an experiment config, and initialises it."""
+
+from __future__ import annotations
+
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from vlretrieval.errors import UserError
+from vlretrieval.models.joint import JointConfig
+from vlretrieval.models.towers import POOLINGS, DecomposedVLTransformer, DualEncoder, TowerHead
+from vlretrieval.models.transformer import TransformerConfig
+
+MODEL_KINDS = ("decomposed", "dual")
+
+
+def _dataclass_from(cls, section: ml_collections.ConfigDict, where: str):
+    try:
+        return cls(**section.to_dict())
+    except (TypeError, ValueError) as error:
+        raise UserError(f"config.{where}: {error}") from None
+
+
+def build_model(config: ml_collections.ConfigDict, vocab_size: int):
+    """`config` is the experiment's `model` section; `vocab_size` comes from the tokenizer."""
+    head = _dataclass_from(TowerHead, config.head, "model.head")
+    for name in ("text_pooling", "image_pooling"):
+        if getattr(head, name) not in POOLINGS:
+            raise UserError(f"config.model.head.{name} must be one of {POOLINGS}")
+    if config.kind == "decomposed":
+        joint = JointConfig(
+            transformer=_dataclass_from(TransformerConfig, config.transformer, "model.transformer"),
+            vocab_size=vocab_size,
+            max_text_length=config.max_text_length,
+            image_size=config.image_size,
+            patch_size=config.patch_size,
+        )
+        return DecomposedVLTransformer(joint, head)
+    if config.kind == "dual":
+        return DualEncoder(
+            image_transformer=_dataclass_from(
+                TransformerConfig, config.image_transformer, "model.image_transformer"
+            ),
+            text_transformer=_dataclass_from(
+                TransformerConfig, config.text_transformer, "model.text_transformer"
+            ),
+            vocab_size=vocab_size,
+            max_text_length=config.max_text_length,
+            image_size=config.image_size,
+            patch_size=config.patch_size,
+            head=head,
+        )
+    raise UserError(f"config.model.kind is {config.kind!r}; choose one of {MODEL_KINDS}")
+
+
+def example_inputs(model, batch_size: int = 2) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Dummy (images, token_ids, text_mask) of the shapes the model expects."""
+    cfg = model.config if isinstance(model, DecomposedVLTransformer) else model
+    images = jnp.zeros((batch_size, cfg.image_size, cfg.image_size, 3), jnp.float32)
+    token_ids = jnp.zeros((batch_size, cfg.max_text_length), jnp.int32)
+    return images, token_ids, jnp.ones_like(token_ids)
+
+
+def init_params(model, rng: jax.Array):
+    """Every parameter of the model (towers and joint heads), initialised from `rng`."""
+    inputs = example_inputs(model)
+    return jax.jit(lambda key: model.init(key, *inputs, method=model.initialize)["params"])(rng)
+
+
+def parameter_count(params) -> int:
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
+
+
+__all__ = ["build_model", "init_params", "parameter_count", "example_inputs"]

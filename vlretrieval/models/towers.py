@@ -1,0 +1,188 @@
+"""Retrieval towers: `encode_image` / `encode_text` -> L2-normalised embeddings.
+
+Two models share that interface:
+- `DecomposedVLTransformer` (VLDeformer): both towers run the one `JointVLTransformer` on a single
+  modality, so there is exactly one copy of the transformer weights (params["joint"]).
+- `DualEncoder` (CLIP/MURAL): an independent ViT and text transformer.
+Both hold a learnable temperature; `__call__` returns what the contrastive losses need.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlretrieval.models.embeddings import PatchEmbeddings, TextEmbeddings
+from vlretrieval.models.joint import JointConfig, JointVLTransformer
+from vlretrieval.models.transformer import Encoder, TransformerConfig
+
+POOLINGS = ("cls", "mean")
+
+
+def pool(sequence: jax.Array, mask: jax.Array, method: str) -> jax.Array:
+    """Class-token pooling, or a mean over real tokens only (padding never counts)."""
+    if method == "cls":
+        return sequence[:, 0]
+    if method == "mean":
+        weights = mask.astype(sequence.dtype)[..., None]
+        return (sequence * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1.0)
+    raise ValueError(f"unknown pooling {method!r}; choose one of {POOLINGS}")
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+
+
+class LogitScale(nn.Module):
+    """Learnable inverse temperature, stored as a log and clipped (CLIP clips the scale at 100)."""
+
+    initial_temperature: float = 0.07
+    max_scale: float = 100.0
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        log_scale = self.param(
+            "log_scale", nn.initializers.constant(math.log(1.0 / self.initial_temperature)), ()
+        )
+        return jnp.exp(jnp.clip(log_scale, 0.0, math.log(self.max_scale)))
+
+
+@dataclasses.dataclass(frozen=True)
+class TowerHead:
+    """How a tower turns a sequence into an embedding."""
+
+    embed_dim: int = 128
+    text_pooling: str = "mean"
+    image_pooling: str = "cls"
+    initial_temperature: float = 0.07
+    max_logit_scale: float = 100.0
+
+
+class _RetrievalModel(nn.Module):
+    """What both tower models share: pool, project and normalise a modality's sequence.
+
+    Subclasses define `text_sequence`, `image_sequence`, `head` and the projections/scale.
+    """
+
+    def encode_text(
+        self, token_ids: jax.Array, text_mask: jax.Array, *, train: bool = False
+    ) -> jax.Array:
+        sequence = self.text_sequence(token_ids, text_mask, train=train)
+        return l2_normalize(self.text_projection(pool(sequence, text_mask, self.head.text_pooling)))
+
+    def encode_image(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+        sequence = self.image_sequence(images, train=train)
+        mask = jnp.ones(sequence.shape[:2], jnp.int32)
+        return l2_normalize(self.image_projection(pool(sequence, mask, self.head.image_pooling)))
+
+    def make_heads(self):
+        self.text_projection = nn.Dense(self.head.embed_dim, use_bias=False)
+        self.image_projection = nn.Dense(self.head.embed_dim, use_bias=False)
+        self.logit_scale = LogitScale(self.head.initial_temperature, self.head.max_logit_scale)
+
+    def __call__(
+        self, images: jax.Array, token_ids: jax.Array, text_mask: jax.Array, *, train: bool = False
+    ) -> dict[str, jax.Array]:
+        return {
+            "image_embeddings": self.encode_image(images, train=train),
+            "text_embeddings": self.encode_text(token_ids, text_mask, train=train),
+            "logit_scale": self.logit_scale(),
+        }
+
+
+class DecomposedVLTransformer(_RetrievalModel):
+    """VLDeformer: the joint transformer's own weights, run on one modality at a time."""
+
+    config: JointConfig
+    head: TowerHead
+
+    def setup(self):
+        self.joint = JointVLTransformer(self.config)
+        self.make_heads()
+
+    def text_sequence(self, token_ids, text_mask, *, train=False):
+        return self.joint.encode_text_sequence(token_ids, text_mask, train=train)
+
+    def image_sequence(self, images, *, train=False):
+        return self.joint.encode_image_sequence(images, train=train)
+
+    def joint_forward(
+        self, token_ids: jax.Array, text_mask: jax.Array, images: jax.Array, *, train: bool = False
+    ) -> dict[str, jax.Array]:
+        """The undecomposed joint pass (ITM logits), on the same weights as the towers."""
+        return self.joint(token_ids, text_mask, images, train=train)
+
+    def initialize(
+        self, images: jax.Array, token_ids: jax.Array, text_mask: jax.Array
+    ) -> dict[str, jax.Array]:
+        """Touches every parameter (towers and joint heads) so `init` creates them all."""
+        self.joint_forward(token_ids, text_mask, images)
+        return self(images, token_ids, text_mask)
+
+
+class ImageTransformer(nn.Module):
+    """A ViT: patch embeddings and a (pre-LN) encoder."""
+
+    transformer: TransformerConfig
+    image_size: int
+    patch_size: int
+
+    @nn.compact
+    def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+        x = PatchEmbeddings(
+            self.image_size, self.patch_size, self.transformer.width, name="embeddings"
+        )(images, train=train)
+        mask = jnp.ones(x.shape[:2], jnp.int32)
+        return Encoder(self.transformer, name="encoder")(x, mask, train=train)
+
+
+class TextTransformer(nn.Module):
+    """A text encoder: BERT-style embeddings and an encoder."""
+
+    transformer: TransformerConfig
+    vocab_size: int
+    max_length: int
+
+    @nn.compact
+    def __call__(self, token_ids: jax.Array, text_mask: jax.Array, *, train: bool = False):
+        x = TextEmbeddings(
+            self.vocab_size, self.transformer.width, self.max_length, name="embeddings",
+            dropout=self.transformer.dropout,
+        )(token_ids, train=train)
+        return Encoder(self.transformer, name="encoder")(x, text_mask, train=train)
+
+
+class DualEncoder(_RetrievalModel):
+    """Two independent transformers (CLIP/MURAL style) behind the same tower interface."""
+
+    image_transformer: TransformerConfig
+    text_transformer: TransformerConfig
+    vocab_size: int
+    max_text_length: int
+    image_size: int
+    patch_size: int
+    head: TowerHead
+
+    def setup(self):
+        self.image_encoder = ImageTransformer(
+            self.image_transformer, self.image_size, self.patch_size
+        )
+        self.text_encoder = TextTransformer(
+            self.text_transformer, self.vocab_size, self.max_text_length
+        )
+        self.make_heads()
+
+    def text_sequence(self, token_ids, text_mask, *, train=False):
+        return self.text_encoder(token_ids, text_mask, train=train)
+
+    def image_sequence(self, images, *, train=False):
+        return self.image_encoder(images, train=train)
+
+    def initialize(
+        self, images: jax.Array, token_ids: jax.Array, text_mask: jax.Array
+    ) -> dict[str, jax.Array]:
+        return self(images, token_ids, text_mask)

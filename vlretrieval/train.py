@@ -1,0 +1,242 @@
+"""One trainer for every objective: train state, jitted sharded step, and the loop.
+
+`train_and_evaluate(config, workdir)` is the whole run; a test can call it with a tiny config.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from tqdm import tqdm
+
+from vlretrieval import losses, parallel
+from vlretrieval.checkpoint import Checkpointer
+from vlretrieval.data import datasets, pipeline
+from vlretrieval.errors import UserError
+from vlretrieval.evaluate import evaluate_split, format_table, write_results
+from vlretrieval.models import build_model, init_params
+from vlretrieval.models.factory import parameter_count
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+def weight_decay_mask(params: Any) -> Any:
+    """Decay weight matrices only: not norms, biases, embeddings, class tokens or the temperature."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) == "kernel", params
+    )
+
+
+def make_optimizer(config: ml_collections.ConfigDict, num_steps: int):
+    """AdamW with linear warm-up, cosine decay and global-norm clipping; returns (tx, schedule)."""
+    warmup = min(config.warmup_steps, max(num_steps - 1, 0))
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=config.learning_rate,
+        warmup_steps=warmup,
+        decay_steps=max(num_steps, warmup + 1),
+        end_value=config.learning_rate * config.end_learning_rate_fraction,
+    )
+    tx = optax.chain(
+        optax.clip_by_global_norm(config.gradient_clip_norm),
+        optax.adamw(schedule, b2=config.b2, weight_decay=config.weight_decay, mask=weight_decay_mask),
+    )
+    return tx, schedule
+
+
+def create_train_state(model, tx, seed: int) -> TrainState:
+    init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(seed))
+    params = init_params(model, init_rng)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=dropout_rng
+    )
+
+
+def make_train_step(model, tx, schedule):
+    """A pure `(state, batch) -> (state, metrics)` step; `jit` shards it over the mesh."""
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+        dropout_rng = jax.random.fold_in(state.rng, state.step)
+
+        def loss_fn(params):
+            outputs = model.apply(
+                {"params": params},
+                batch["images"],
+                batch["token_ids"],
+                batch["text_mask"],
+                train=True,
+                rngs={"dropout": dropout_rng},
+            )
+            return losses.softmax_contrastive_loss(
+                outputs["image_embeddings"], outputs["text_embeddings"], outputs["logit_scale"]
+            )
+
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics, gradient_norm=optax.global_norm(grads), learning_rate=schedule(state.step))
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def ensure_writable_workdir(workdir: str) -> None:
+    """Fail before any work if the workdir cannot be created or written."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, ".write_test")
+        with open(probe, "w") as handle:
+            handle.write("ok")
+        os.remove(probe)
+    except OSError as error:
+        raise UserError(f"workdir {workdir!r} cannot be written: {error.strerror}") from None
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step to `<workdir>/metrics.jsonl`."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if jax.process_index() != 0:
+            return
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def _check_finite(metrics: dict[str, float], step: int) -> None:
+    if not math.isfinite(metrics["loss"]):
+        raise TrainingDiverged(
+            f"loss is {metrics['loss']} at step {step}: training diverged; lower "
+            "config.optimizer.learning_rate or check the data (no checkpoint was written for it)"
+        )
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True):
+    """Train to `config.train.num_steps`, resuming from the latest checkpoint in `workdir`.
+
+    Returns (model, params, data) for evaluation.
+    """
+    ensure_writable_workdir(workdir)
+    data = datasets.open_dataset(config.data, seed=config.seed)
+    mesh = parallel.make_mesh(config.train.num_devices or None)
+    global_batch_size = config.train.batch_size
+    parallel.check_batch_divisible(global_batch_size, mesh, "config.train.batch_size")
+    model = build_model(config.model, data.tokenizer.vocab_size)
+    tx, schedule = make_optimizer(config.optimizer, config.train.num_steps)
+    state = create_train_state(model, tx, config.seed)
+    checkpointer = Checkpointer(workdir)
+    start_step = checkpointer.latest_step() or 0
+    if start_step:
+        state = checkpointer.restore(state)
+        print(f"resuming from the checkpoint at step {start_step} in {checkpointer.directory}")
+    state = parallel.replicate(state, mesh)
+    print(
+        f"model: {config.model.kind}, {parameter_count(state.params) / 1e6:.2f}M parameters; "
+        f"{mesh.size} device(s), global batch {global_batch_size}"
+    )
+
+    step_fn = jax.jit(
+        make_train_step(model, tx, schedule),
+        in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+        out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
+        donate_argnums=0,
+    )
+    dataset = pipeline.training_dataset(
+        data.split("train"),
+        data.tokenizer,
+        local_batch_size=parallel.local_batch_size(global_batch_size),
+        languages=config.data.languages,
+        max_text_length=config.data.max_text_length,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    writer = MetricsWriter(workdir)
+    num_steps = config.train.num_steps
+    batches = pipeline.iterate_from(dataset, start_step)
+    bar = tqdm(
+        total=num_steps, initial=start_step, unit="step", disable=not progress or start_step >= num_steps
+    )
+    last_time, last_step = time.perf_counter(), start_step
+    for step in range(start_step + 1, num_steps + 1):
+        state, metrics = step_fn(state, parallel.global_batch(next(batches), mesh))
+        bar.update(1)
+        is_last = step == num_steps
+        if step % config.train.log_every == 0 or step % config.train.checkpoint_every == 0 or is_last:
+            metrics = {key: float(value) for key, value in jax.device_get(metrics).items()}
+            _check_finite(metrics, step)
+            now = time.perf_counter()
+            metrics["examples_per_second"] = (step - last_step) * global_batch_size / (now - last_time)
+            last_time, last_step = now, step
+            writer.write({"step": step, **metrics})
+            bar.set_postfix(
+                loss=f"{metrics['loss']:.3f}", ex_per_s=f"{metrics['examples_per_second']:.0f}"
+            )
+        if step % config.train.checkpoint_every == 0 or is_last:
+            checkpointer.save(step, state, config)
+    bar.close()
+    checkpointer.wait()
+    checkpointer.close()
+    return model, state.params, data
+
+
+def evaluate_checkpoint(
+    config: ml_collections.ConfigDict, workdir: str, model=None, params=None, data=None
+) -> dict[str, Any]:
+    """Evaluate `params` (or the latest checkpoint in `workdir`) on `config.eval.split`."""
+    if model is None:
+        data = datasets.open_dataset(config.data, seed=config.seed)
+        model = build_model(config.model, data.tokenizer.vocab_size)
+        tx, _ = make_optimizer(config.optimizer, config.train.num_steps)
+        checkpointer = Checkpointer(workdir)
+        params = checkpointer.restore(create_train_state(model, tx, config.seed)).params
+        checkpointer.close()
+    mesh = parallel.make_mesh(config.train.num_devices or None)
+    split = pipeline.load_split(data.split(config.eval.split), config.data.languages)
+    results = evaluate_split(
+        model,
+        params,
+        split,
+        data.tokenizer,
+        mesh=mesh,
+        batch_size=config.eval.batch_size,
+        max_text_length=config.data.max_text_length,
+        recall_at=config.eval.recall_at,
+    )
+    results["split"] = config.eval.split
+    if jax.process_index() == 0:
+        write_results(results, workdir)
+    return results
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
+) -> dict[str, Any]:
+    """Train, then evaluate on `config.eval.split`; writes results.json and prints the table."""
+    started = time.perf_counter()
+    model, params, data = train(config, workdir, progress=progress)
+    results = evaluate_checkpoint(config, workdir, model, params, data)
+    results["wall_seconds"] = time.perf_counter() - started
+    print(format_table(results, config.eval.recall_at))
+    return results
