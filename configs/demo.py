@@ -36,7 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.dataset_dir = ""  # or: an already prepared tfds dataset directory
     config.data.tokenizer = ""  # empty: the tokenizer trained beside the demo data
     config.data.languages = ("en", "de", "fr", "es")
-    config.data.max_text_length = 40
+    config.data.max_text_length = 32
     # Sizes of the generated demo set (the default tfds config is 20,000 / 1,000 / 1,000).
     config.data.num_train = 20_000
     config.data.num_validation = 1_000

@@ -93,22 +93,20 @@ def make_train_step(model, tx, schedule):
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, gradient_norm=optax.global_norm(grads), learning_rate=schedule(state.step))
+        metrics = dict(metrics, gradient_norm=optax.tree.norm(grads), learning_rate=schedule(state.step))
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
 
 
-def ensure_writable_workdir(workdir: str) -> None:
-    """Fail before any work if the workdir cannot be created or written."""
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
-        with open(probe, "w") as handle:
-            handle.write("ok")
-        os.remove(probe)
-    except OSError as error:
-        raise UserError(f"workdir {workdir!r} cannot be written: {error.strerror}") from None
+def check_workdir_writable(workdir: str) -> None:
+    """Fail before any work if the workdir could not be created or written; creates nothing."""
+    path = os.path.abspath(workdir)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
+        reason = "is not a directory" if not os.path.isdir(path) else "is not writable"
+        raise UserError(f"workdir {workdir!r} cannot be written: {path} {reason}")
 
 
 class MetricsWriter:
@@ -137,8 +135,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
 
     Returns (model, params, data) for evaluation.
     """
-    ensure_writable_workdir(workdir)
-    data = datasets.open_dataset(config.data, seed=config.seed)
+    check_workdir_writable(workdir)
+    data = datasets.open_dataset(config.data, seed=config.seed)  # bad data fails before any write
+    os.makedirs(workdir, exist_ok=True)
     mesh = parallel.make_mesh(config.train.num_devices or None)
     global_batch_size = config.train.batch_size
     parallel.check_batch_divisible(global_batch_size, mesh, "config.train.batch_size")

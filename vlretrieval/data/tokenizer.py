@@ -7,12 +7,13 @@ fixed-shape int32 arrays (ids and mask) ready to be stacked into a batch and sha
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import tokenizers
-from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 from vlretrieval.errors import UserError
 
@@ -25,7 +26,15 @@ _MASK_NAMES = ("[MASK]", "<mask>")
 
 
 def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int = 2000) -> tokenizers.Tokenizer:
-    """Trains a BERT-style WordPiece tokenizer (lowercased, accents kept) on `texts`, deterministically."""
+    """Trains a BERT-style WordPiece tokenizer (lowercase, accents kept) on `texts`, reproducibly.
+
+    The vocabulary is the special tokens, then every character (alone and as a `##` continuation,
+    so unseen words fall back to characters rather than [UNK]), then whole words by frequency.
+    It is counted here rather than by `tokenizers.trainers.WordPieceTrainer`, whose token ids
+    change from run to run (hash-map order), which would make two demo builds differ.
+    """
+    if vocab_size < len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size {vocab_size} is below the number of special tokens")
     tokenizer = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
     # NFC first so a decomposed "u + combining diaeresis" and a composed "ü" give the same tokens;
     # accents are kept because they carry meaning in de/fr/es ("über", "à").
@@ -33,17 +42,51 @@ def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int = 2000) -> t
         [normalizers.NFC(), normalizers.BertNormalizer(lowercase=True, strip_accents=False)]
     )
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.decoder = decoders.WordPiece(prefix="##")
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False
+    word_counts = _count_words(tokenizer, texts)
+
+    vocab = list(SPECIAL_TOKENS)
+    char_counts: Counter[str] = Counter()
+    for word, count in word_counts.items():
+        for char in word:
+            char_counts[char] += count
+    for char, _ in sorted(char_counts.items(), key=lambda item: (-item[1], item[0])):
+        if len(vocab) + 2 > vocab_size:
+            break
+        vocab += [char, f"##{char}"]
+    known = set(vocab)
+    for word, _ in sorted(word_counts.items(), key=lambda item: (-item[1], item[0])):
+        if len(vocab) >= vocab_size:
+            break
+        if word not in known:
+            vocab.append(word)
+    tokenizer.model = models.WordPiece(
+        vocab={token: index for index, token in enumerate(vocab)}, unk_token="[UNK]"
     )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[(name, tokenizer.token_to_id(name)) for name in ("[CLS]", "[SEP]")],
+        special_tokens=[(name, SPECIAL_TOKENS.index(name)) for name in ("[CLS]", "[SEP]")],
     )
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))  # never split or normalised inside text
     return tokenizer
+
+
+def _count_words(tokenizer: tokenizers.Tokenizer, texts: Iterable[str]) -> Counter[str]:
+    """Counts the words the tokenizer's normaliser and pre-tokenizer make of `texts`.
+
+    Texts are first split on whitespace in Python and each distinct piece is pre-tokenized once:
+    captions repeat a few hundred pieces, and crossing into `tokenizers` per text is the slow part.
+    """
+    pieces: Counter[str] = Counter()
+    for text in texts:
+        pieces.update(text.split())
+    words: Counter[str] = Counter()
+    for piece, count in pieces.items():
+        normalized = tokenizer.normalizer.normalize_str(piece)
+        for word, _ in tokenizer.pre_tokenizer.pre_tokenize_str(normalized):
+            words[word] += count
+    return words
 
 
 class TextTokenizer:
@@ -60,7 +103,10 @@ class TextTokenizer:
         for role, value, names in (("padding", pad_id, _PAD_NAMES), ("start", cls_id, _CLS_NAMES),
                                    ("end", sep_id, _SEP_NAMES)):
             if value is None:
-                raise UserError(f"{source} has no {role} token (none of {', '.join(names)}): use a BERT-style tokenizer")
+                raise UserError(
+                    f"{source} has no {role} token (none of {', '.join(names)}): "
+                    "use a BERT-style tokenizer"
+                )
         self._pad_id, self._cls_id, self._sep_id = int(pad_id), int(cls_id), int(sep_id)
         self._mask_id = _first_id(tokenizer, _MASK_NAMES)
 
@@ -99,9 +145,10 @@ class TextTokenizer:
         if isinstance(texts, str):  # a str is a Sequence[str] of characters: almost surely a bug
             raise TypeError("encode takes a sequence of texts, not a single string")
         encodings = self._configured(max_length).encode_batch_fast(list(texts))
-        ids = np.array([e.ids for e in encodings], dtype=np.int32).reshape(len(encodings), max_length)
-        mask = np.array([e.attention_mask for e in encodings], dtype=np.int32)
-        return ids, mask.reshape(len(encodings), max_length)
+        shape = (len(encodings), max_length)  # reshape: an empty batch still has max_length columns
+        ids = np.array([e.ids for e in encodings], dtype=np.int32).reshape(shape)
+        mask = np.array([e.attention_mask for e in encodings], dtype=np.int32).reshape(shape)
+        return ids, mask
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of one row of ids, special tokens and padding dropped (for logs and debugging)."""
@@ -118,7 +165,10 @@ class TextTokenizer:
         if configured is None:
             special = self._tokenizer.num_special_tokens_to_add(is_pair=False)
             if max_length <= special:
-                raise UserError(f"max_length {max_length} is too small: it must exceed the {special} special tokens")
+                raise UserError(
+                    f"max_length {max_length} is too small: it must exceed the {special} "
+                    "special tokens added to every text"
+                )
             configured = tokenizers.Tokenizer.from_str(self._tokenizer.to_str())
             configured.enable_truncation(max_length)
             pad_token = self._tokenizer.id_to_token(self._pad_id) or "[PAD]"
@@ -136,10 +186,13 @@ def _first_id(tokenizer: tokenizers.Tokenizer, names: Sequence[str]) -> int | No
 
 
 def load_tokenizer(path: str) -> TextTokenizer:
-    """Loads a tokenizer.json file, or a Hugging Face tokenizer folder holding one; never downloads."""
+    """Loads a tokenizer.json file, or a Hugging Face folder holding one; never downloads."""
     location = Path(path)
     if not location.exists():
-        raise UserError(f"tokenizer path {path} does not exist: pass a tokenizer.json file or a folder holding one")
+        raise UserError(
+            f"tokenizer path {path} does not exist: "
+            "pass a tokenizer.json file or a folder holding one"
+        )
     file = location / "tokenizer.json" if location.is_dir() else location
     if not file.is_file():
         raise UserError(
@@ -150,5 +203,7 @@ def load_tokenizer(path: str) -> TextTokenizer:
         tokenizer = tokenizers.Tokenizer.from_file(os.fspath(file))
     except Exception as error:  # tokenizers raises a bare Exception for malformed JSON
         reason = (str(error).strip().splitlines() or ["unreadable"])[0]
-        raise UserError(f"cannot parse tokenizer file {file} ({reason}): pass a Hugging Face tokenizer.json") from error
+        raise UserError(
+            f"cannot parse tokenizer file {file} ({reason}): pass a Hugging Face tokenizer.json"
+        ) from error
     return TextTokenizer(tokenizer, source=f"tokenizer {file}")

@@ -14,6 +14,7 @@ import fcntl
 import io
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,7 +68,7 @@ def split_examples(seed: int, split: str, count: int) -> Iterator[dict[str, Any]
             "image": scenes.render_scene(scene, pixel_rng),
             "image_id": index,
             "description": scenes.description(scene),
-            "captions": {lang: scenes.scene_captions(scene, lang, caption_rng) for lang in LANGUAGES},
+            "captions": scenes.scene_captions(scene, caption_rng),
         }
 
 
@@ -121,7 +122,8 @@ class DemoScenes(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[int, dict[str, Any]]]]:
         del dl_manager  # nothing to download
         sizes = self.builder_config.split_sizes()
-        return {split: self._generate_examples(split, sizes[split]) for split in SPLITS}
+        # tfds cannot write an empty split: a size of 0 leaves the split out.
+        return {split: self._generate_examples(split, n) for split, n in sizes.items() if n > 0}
 
     def _generate_examples(self, split: str, count: int) -> Iterator[tuple[int, dict[str, Any]]]:
         yield from enumerate(split_examples(self.builder_config.seed, split, count))
@@ -132,7 +134,7 @@ def _config_metadata(config: DemoScenesConfig) -> dict[str, int]:
 
 
 def dataset_dir(builder: tfds.core.DatasetBuilder) -> str:
-    """The prepared dataset's folder (holding dataset_info.json), e.g. <data_dir>/demo_scenes/default/1.0.0."""
+    """The prepared dataset's folder (dataset_info.json): <data_dir>/demo_scenes/<name>/1.0.0."""
     return os.fspath(builder.data_dir)
 
 
@@ -142,7 +144,7 @@ def demo_tokenizer_path(builder: tfds.core.DatasetBuilder) -> str:
 
 
 def prepare_demo_data(data_dir: str, config: DemoScenesConfig | None = None) -> DemoScenes:
-    """Builds the demo set and its tokenizer into `data_dir` on first use; reuses them afterwards."""
+    """Builds the demo set and its tokenizer into `data_dir` on first use; reuses them after."""
     config = config or DEFAULT_CONFIG
     root = Path(data_dir)
     if root.exists() and not root.is_dir():
@@ -150,18 +152,20 @@ def prepare_demo_data(data_dir: str, config: DemoScenesConfig | None = None) -> 
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise UserError(f"cannot create data directory {data_dir} ({_one_line(error)}): pass a writable directory") from error
+        raise UserError(
+            f"cannot create data directory {data_dir} ({_one_line(error)}): "
+            "pass a writable directory"
+        ) from error
 
     # Several processes of one job (local multi-host runs) may prepare the same directory at once:
     # one builds, the others wait and reuse.
     with _exclusive_lock(root / ".demo_scenes.lock"):
-        with _quiet_tfds():
+        with _quiet_tfds():  # tfds warns about the custom config and the missing folder
             builder = DemoScenes(config=config, data_dir=data_dir, file_format="array_record")
-        with _quiet_tfds():  # is_prepared warns when the folder is not there yet
             prepared = builder.is_prepared()
         if not prepared:
             _generate(builder, data_dir)
-            with _quiet_tfds():
+            with _quiet_tfds():  # reopen, so the builder reads what was written
                 builder = DemoScenes(config=config, data_dir=data_dir, file_format="array_record")
         _check_matches_config(builder, config)
         if not os.path.isfile(demo_tokenizer_path(builder)):
@@ -177,16 +181,28 @@ def _generate(builder: DemoScenes, data_dir: str) -> None:
     next call starts again.
     """
     if not os.access(data_dir, os.W_OK):
-        raise UserError(f"data directory {data_dir} is not writable: pass a writable directory for the demo data")
+        raise UserError(f"data directory {data_dir} is not writable: pass a writable directory")
+    # A build killed outright (no `finally`) leaves its incomplete.* folder; we hold the lock,
+    # so no other build of ours is using one.
+    for stale in Path(dataset_dir(builder)).parent.glob(f"incomplete.*_{builder.version}"):
+        shutil.rmtree(stale, ignore_errors=True)
     sizes = "/".join(str(n) for n in builder.builder_config.split_sizes().values())
-    print(f"Generating the demo dataset ({sizes} images) in {dataset_dir(builder)} ...", end="", flush=True)
+    print(
+        f"Generating the demo dataset ({sizes} images) in {dataset_dir(builder)} ...",
+        end="", flush=True,
+    )
     start = time.perf_counter()
     try:
         with _quiet_tfds():
             builder.download_and_prepare(file_format="array_record")
-    except OSError as error:
+    except BaseException as error:  # Ctrl-C included: end the line before the traceback
         print(" failed", flush=True)
-        raise UserError(f"cannot write the demo dataset into {data_dir} ({_one_line(error)}): pass a writable directory with ~100 MB free") from error
+        if not isinstance(error, OSError):
+            raise
+        raise UserError(
+            f"cannot write the demo dataset into {data_dir} ({_one_line(error)}): "
+            "pass a writable directory with 100 MB free"
+        ) from error
     print(f" done in {time.perf_counter() - start:.1f} s", flush=True)
     # tfds's download manager leaves an empty downloads/extracted behind: nothing was downloaded.
     for empty in ("downloads/extracted", "downloads"):
@@ -229,15 +245,20 @@ def _train_demo_tokenizer(builder: DemoScenes, data_dir: str) -> None:
     source = builder.as_data_source(split="train")
 
     def captions() -> Iterator[str]:
-        for index in range(len(source)):
-            for texts in source[index]["captions"].values():
-                yield from (text.decode("utf-8") for text in texts)
+        # Batched reads (`__getitems__`, the grain data-source protocol) are ~30% faster.
+        for start in range(0, len(source), 512):
+            for example in source.__getitems__(range(start, min(start + 512, len(source)))):
+                for texts in example["captions"].values():
+                    yield from (text.decode("utf-8") for text in texts)
 
     tokenizer = tokenizer_lib.train_wordpiece_tokenizer(captions(), vocab_size=TOKENIZER_VOCAB_SIZE)
     try:
         tokenizer_lib.TextTokenizer(tokenizer).save(demo_tokenizer_path(builder))
     except OSError as error:
-        raise UserError(f"cannot write the demo tokenizer into {data_dir} ({_one_line(error)}): pass a writable directory") from error
+        raise UserError(
+            f"cannot write the demo tokenizer into {data_dir} ({_one_line(error)}): "
+            "pass a writable directory"
+        ) from error
 
 
 @contextlib.contextmanager
@@ -258,24 +279,31 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
 
 
 def load_prepared_dataset(dataset_dir: str) -> tfds.core.DatasetBuilder:
-    """Opens a prepared tfds dataset folder (the one holding dataset_info.json) without its builder code."""
+    """Opens a prepared tfds dataset folder (the one holding dataset_info.json), no builder code."""
     path = Path(dataset_dir)
     if not path.exists():
-        raise UserError(f"dataset directory {dataset_dir} does not exist: pass the folder that holds dataset_info.json")
+        raise UserError(
+            f"dataset directory {dataset_dir} does not exist: "
+            "pass the folder that holds dataset_info.json"
+        )
     if not (path / "dataset_info.json").is_file():
         hint = ""
         if path.is_dir():  # the data dir itself is a common mistake: point at what is inside
-            found = sorted(path.glob("*/dataset_info.json")) + sorted(path.glob("*/*/*/dataset_info.json"))
+            found = [*sorted(path.glob("*/dataset_info.json")),
+                     *sorted(path.glob("*/*/*/dataset_info.json"))]
             if found:
                 hint = f" (did you mean {found[0].parent}?)"
         raise UserError(
-            f"{dataset_dir} is not a prepared tensorflow-datasets directory (no dataset_info.json): "
-            f"pass the folder that holds it, e.g. <data_dir>/demo_scenes/default/1.0.0{hint}"
+            f"{dataset_dir} is not a prepared tensorflow-datasets directory (no "
+            "dataset_info.json): pass the folder that holds it, "
+            f"e.g. <data_dir>/demo_scenes/default/1.0.0{hint}"
         )
     try:
         return tfds.builder_from_directory(dataset_dir)
     except Exception as error:  # tfds raises many types for a damaged folder
-        raise UserError(f"cannot read the dataset in {dataset_dir} ({_one_line(error)}): prepare it again") from error
+        raise UserError(
+            f"cannot read the dataset in {dataset_dir} ({_one_line(error)}): prepare it again"
+        ) from error
 
 
 def _one_line(error: BaseException) -> str:

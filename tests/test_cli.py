@@ -1,0 +1,74 @@
+"""Bad input ends in one clear `error:` line and exit status 2, with nothing written."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args, cwd=None):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run(
+        [sys.executable, "-m", "vlretrieval.cli", *args],
+        capture_output=True, text=True, env=env, timeout=300,
+        cwd=cwd or os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_unknown_config_key(tmp_path):
+    result = run_cli("train", "--config", "configs/demo.py:tiny", "--workdir", str(tmp_path / "w"),
+                     "--config.train.batch_sise=8")
+    assert_one_line_error(result, "config.train.batch_sise", "did you mean config.train.batch_size")
+    assert not (tmp_path / "w").exists()
+
+
+def test_dataset_directory_that_is_not_a_dataset(tmp_path):
+    not_a_dataset = tmp_path / "photos"
+    not_a_dataset.mkdir()
+    (not_a_dataset / "cat.txt").write_text("meow")
+    result = run_cli("train", "--config", "configs/demo.py:tiny", "--workdir", str(tmp_path / "w"),
+                     f"--config.data.dataset_dir={not_a_dataset}")
+    assert_one_line_error(result, str(not_a_dataset))
+    assert not (tmp_path / "w").exists()
+    assert sorted(os.listdir(not_a_dataset)) == ["cat.txt"]
+
+
+def test_tokenizer_path_that_does_not_exist(tmp_path):
+    missing = tmp_path / "no-such-tokenizer.json"
+    result = run_cli("train", "--config", "configs/demo.py:tiny", "--workdir", str(tmp_path / "w"),
+                     "--data_dir", str(tmp_path / "data"), f"--config.data.tokenizer={missing}")
+    assert_one_line_error(result, str(missing))
+    assert not (tmp_path / "w").exists()
+
+
+def test_workdir_that_cannot_be_written(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep me")
+    result = run_cli("train", "--config", "configs/demo.py:tiny", "--workdir", str(blocker / "w"),
+                     "--data_dir", str(tmp_path / "data"))
+    assert_one_line_error(result, str(blocker / "w"))
+    assert blocker.read_text() == "keep me"
+    assert not (tmp_path / "data").exists()  # failed before generating anything
+
+
+def test_eval_without_a_checkpoint(tmp_path):
+    (tmp_path / "w").mkdir()
+    result = run_cli("eval", "--config", "configs/demo.py:tiny", "--workdir", str(tmp_path / "w"),
+                     "--data_dir", str(tmp_path / "data"))
+    assert_one_line_error(result, "no checkpoint")
+
+
+def test_help_lists_the_commands():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in ("train", "eval", "demo", "prepare-data"):
+        assert command in result.stdout

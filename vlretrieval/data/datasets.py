@@ -1,0 +1,77 @@
+"""Opens the dataset and tokenizer an experiment's `data` config names.
+
+`data.dataset_dir` (a prepared tfds directory) wins; otherwise `data.name` picks a builder that
+prepares itself into `data.data_dir`. The tokenizer is `data.tokenizer`, or the one trained beside
+the demo data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+import tensorflow_datasets as tfds
+
+from vlretrieval.data.builders import demo_scenes
+from vlretrieval.data.tokenizer import TextTokenizer, load_tokenizer
+from vlretrieval.errors import UserError
+
+DATASETS = ("demo_scenes",)
+
+
+@dataclasses.dataclass
+class RetrievalData:
+    builder: tfds.core.DatasetBuilder
+    tokenizer: TextTokenizer
+    directory: str
+    _sources: dict[str, Any] | None = None
+
+    def split(self, name: str):
+        """A random-access data source over one split's records."""
+        if self._sources is None:
+            self._sources = self.builder.as_data_source()
+        if name not in self._sources:
+            raise UserError(
+                f"split {name!r} is not in the dataset at {self.directory}; "
+                f"it has {sorted(self._sources)}"
+            )
+        return self._sources[name]
+
+
+def _demo_config(config: ml_collections.ConfigDict, seed: int) -> demo_scenes.DemoScenesConfig:
+    sizes = (config.num_train, config.num_validation, config.num_test)
+    default = demo_scenes.DEFAULT_CONFIG
+    if seed == default.seed and sizes == (default.num_train, default.num_validation, default.num_test):
+        return default
+    return demo_scenes.DemoScenesConfig(
+        name=f"seed{seed}_{'_'.join(map(str, sizes))}",
+        seed=seed,
+        num_train=sizes[0],
+        num_validation=sizes[1],
+        num_test=sizes[2],
+    )
+
+
+def open_dataset(config: ml_collections.ConfigDict, seed: int) -> RetrievalData:
+    """The builder and tokenizer of the experiment's `data` section, preparing data if needed."""
+    if config.dataset_dir:
+        builder = demo_scenes.load_prepared_dataset(config.dataset_dir)
+    elif config.name == "demo_scenes":
+        builder = demo_scenes.prepare_demo_data(config.data_dir, _demo_config(config, seed))
+    else:
+        raise UserError(
+            f"config.data.name is {config.name!r}; choose one of {DATASETS} "
+            "or set config.data.dataset_dir to a prepared tfds dataset"
+        )
+    directory = demo_scenes.dataset_dir(builder)
+    tokenizer_path = config.tokenizer or demo_scenes.demo_tokenizer_path(builder)
+    tokenizer = load_tokenizer(tokenizer_path)
+    caption_languages = set(builder.info.features["captions"].keys())
+    missing = [lang for lang in config.languages if lang not in caption_languages]
+    if missing:
+        raise UserError(
+            f"config.data.languages names {missing}, which the dataset at {directory} does not "
+            f"have; it has {sorted(caption_languages)}"
+        )
+    return RetrievalData(builder=builder, tokenizer=tokenizer, directory=directory)
