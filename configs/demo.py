@@ -62,15 +62,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
 
     config.train = ml_collections.ConfigDict()
-    config.train.batch_size = 256  # global, over all devices and hosts
-    config.train.num_steps = 1_500
+    config.train.batch_size = 128  # global, over all devices and hosts
+    config.train.num_steps = 500
     config.train.log_every = 25
-    config.train.checkpoint_every = 500
+    config.train.checkpoint_every = 250
     config.train.num_devices = 0  # 0: every device of every host
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.learning_rate = 2e-3
-    config.optimizer.warmup_steps = 100
+    config.optimizer.warmup_steps = 50
     config.optimizer.end_learning_rate_fraction = 0.02
     config.optimizer.weight_decay = 0.05
     config.optimizer.b2 = 0.98

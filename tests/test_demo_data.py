@@ -2,6 +2,7 @@
 
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -166,12 +167,16 @@ def test_prepare_prints_one_line_then_reuses(tmp_path, capsys):
     directory = demo_scenes.dataset_dir(builder)
     assert os.path.isfile(os.path.join(directory, "dataset_info.json"))
     assert os.path.isfile(demo_scenes.demo_tokenizer_path(builder))
-    stamps = {name: os.stat(os.path.join(directory, name)).st_mtime_ns for name in os.listdir(directory)}
+    def stamps():
+        return {name: os.stat(os.path.join(directory, name)).st_mtime_ns
+                for name in os.listdir(directory)}
+
+    before = stamps()
 
     again = demo_scenes.prepare_demo_data(str(tmp_path), TINY)
     assert capsys.readouterr().out == ""
     assert demo_scenes.dataset_dir(again) == directory
-    assert {n: os.stat(os.path.join(directory, n)).st_mtime_ns for n in os.listdir(directory)} == stamps
+    assert stamps() == before
 
 
 def test_missing_tokenizer_is_trained_again(tmp_path):
@@ -188,7 +193,8 @@ def test_missing_tokenizer_is_trained_again(tmp_path):
 def test_demo_tokenizer_knows_every_content_word(small_builder):
     tokenizer = load_tokenizer(demo_scenes.demo_tokenizer_path(small_builder))
     unknown = tokenizer.tokenizer.token_to_id("[UNK]")
-    words = [w for kinds in scenes.CONTENT_WORDS.values() for forms in kinds.values() for w in forms]
+    words = [word for kinds in scenes.CONTENT_WORDS.values()
+             for forms in kinds.values() for word in forms]
     ids, mask = tokenizer.encode(words, 8)
     assert not (ids == unknown).any()
 
@@ -235,6 +241,13 @@ def test_data_dir_that_is_a_file(tmp_path):
     assert a_file.read_text() == "not a directory"
 
 
+def test_invalid_sizes_are_refused(tmp_path):
+    empty = DemoScenesConfig(name="empty", num_train=0, num_validation=5, num_test=5)
+    with pytest.raises(UserError) as error:
+        demo_scenes.prepare_demo_data(str(tmp_path), empty)
+    assert_one_line_user_error(error, "num_train")
+
+
 def test_load_prepared_dataset(small_builder):
     loaded = demo_scenes.load_prepared_dataset(demo_scenes.dataset_dir(small_builder))
     assert len(loaded.as_data_source(split="test")) == SMALL.num_test
@@ -257,7 +270,7 @@ def test_load_prepared_dataset_refuses_other_folders(tmp_path, small_builder):
     assert not missing.exists()
 
     # The data dir instead of the dataset folder: the message points at the right one.
-    data_dir = os.path.dirname(os.path.dirname(os.path.dirname(demo_scenes.dataset_dir(small_builder))))
+    data_dir = str(Path(demo_scenes.dataset_dir(small_builder)).parents[2])
     with pytest.raises(UserError) as error:
         demo_scenes.load_prepared_dataset(data_dir)
     assert_one_line_user_error(error, data_dir, demo_scenes.dataset_dir(small_builder))

@@ -60,22 +60,31 @@ def test_short_training_lifts_recall_far_above_chance(data_dir, tmp_path):
     assert written["average"]["mean_recall"] == pytest.approx(average["mean_recall"])
 
 
-def test_same_seed_gives_the_same_numbers_twice(data_dir, tmp_path):
-    first = train_and_evaluate(tiny_config(data_dir), str(tmp_path / "a"), progress=False)
+@pytest.fixture(scope="module")
+def tiny_run(data_dir, tmp_path_factory):
+    """One finished tiny run (6 steps, checkpoints at 3 and 6), shared by the tests below."""
+    workdir = str(tmp_path_factory.mktemp("tiny_run"))
+    results = train_and_evaluate(tiny_config(data_dir), workdir, progress=False)
+    return workdir, results
+
+
+def test_same_seed_gives_the_same_numbers_twice(data_dir, tiny_run, tmp_path):
+    first_workdir, first = tiny_run
     second = train_and_evaluate(tiny_config(data_dir), str(tmp_path / "b"), progress=False)
-    assert _losses(str(tmp_path / "a")) == _losses(str(tmp_path / "b"))
+    assert _losses(first_workdir) == _losses(str(tmp_path / "b"))
     assert first["languages"] == second["languages"]
-    other = train_and_evaluate(tiny_config(data_dir, "seed=1"), str(tmp_path / "c"), progress=False)
-    assert _losses(str(tmp_path / "c")) != _losses(str(tmp_path / "a"))
+    train(tiny_config(data_dir, "seed=1"), str(tmp_path / "c"), progress=False)
+    assert _losses(str(tmp_path / "c")) != _losses(first_workdir)
 
 
-def test_resume_from_a_checkpoint_continues_exactly(data_dir, tmp_path):
+def test_resume_from_a_checkpoint_continues_exactly(data_dir, tiny_run, tmp_path):
     config = tiny_config(data_dir)
-    _, straight, _ = train(config, str(tmp_path / "straight"), progress=False)
-    # Interrupted after the step-3 checkpoint: drop the final one and train again.
-    _, _, _ = train(config, str(tmp_path / "resumed"), progress=False)
+    straight_workdir, _ = tiny_run
+    # A run interrupted after its step-3 checkpoint: copy the finished run, drop step 6, resume.
+    shutil.copytree(straight_workdir, tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "6")
     _, resumed, _ = train(config, str(tmp_path / "resumed"), progress=False)
+    _, straight, _ = train(config, straight_workdir, progress=False)  # finished: restores step 6
     for a, b in zip(jax.tree_util.tree_leaves(straight), jax.tree_util.tree_leaves(resumed)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 

@@ -26,6 +26,7 @@ from etils import epath
 
 from vlretrieval.data import tokenizer as tokenizer_lib
 from vlretrieval.data.builders import scenes
+# Re-exported: the demo set's vocabulary, languages and scene identity are part of its API.
 from vlretrieval.data.builders.scenes import CONTENT_WORDS, LANGUAGES, description  # noqa: F401
 from vlretrieval.errors import UserError
 
@@ -146,6 +147,12 @@ def demo_tokenizer_path(builder: tfds.core.DatasetBuilder) -> str:
 def prepare_demo_data(data_dir: str, config: DemoScenesConfig | None = None) -> DemoScenes:
     """Builds the demo set and its tokenizer into `data_dir` on first use; reuses them after."""
     config = config or DEFAULT_CONFIG
+    sizes = config.split_sizes()
+    if config.num_train < 1 or min(sizes.values()) < 0:
+        raise UserError(
+            f"demo data sizes {sizes} are invalid: num_train must be at least 1 (the tokenizer "
+            "learns from it) and no split may be negative"
+        )
     root = Path(data_dir)
     if root.exists() and not root.is_dir():
         raise UserError(f"data directory {data_dir} is a file: pass a directory for the demo data")
