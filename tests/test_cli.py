@@ -72,3 +72,13 @@ def test_help_lists_the_commands():
     assert result.returncode == 0
     for command in ("train", "eval", "demo", "prepare-data"):
         assert command in result.stdout
+
+
+def test_a_diverging_loss_stops_with_one_line_and_no_checkpoint_for_it(tmp_path):
+    workdir = tmp_path / "w"
+    result = run_cli("train", "--config", "configs/demo.py:tiny", "--workdir", str(workdir),
+                     "--data_dir", str(tmp_path / "data"), "--no_progress",
+                     "--config.optimizer.learning_rate=1e30", "--config.train.checkpoint_every=100")
+    assert_one_line_error(result, "diverged", "learning_rate")
+    # The only checkpoint a run of 6 steps would write is at step 6, after the NaN: none.
+    assert not os.listdir(workdir / "checkpoints")

@@ -121,3 +121,29 @@ def test_step_on_8_devices_matches_1_device(data_dir):
     np.testing.assert_allclose(metrics_1["gradient_norm"], metrics_8["gradient_norm"], rtol=1e-4)
     for a, b in zip(jax.tree_util.tree_leaves(params_1), jax.tree_util.tree_leaves(params_8)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_weight_decay_applies_to_weight_matrices_only(data_dir):
+    from vlretrieval.models import init_params
+    from vlretrieval.train import weight_decay_mask
+
+    model = build_model(tiny_config(data_dir).model, vocab_size=60)
+    mask = weight_decay_mask(init_params(model, jax.random.PRNGKey(0)))
+    flat = {
+        "/".join(str(getattr(k, "key", k)) for k in path): decayed
+        for path, decayed in jax.tree_util.tree_leaves_with_path(mask)
+    }
+    assert flat["joint/encoder/block_0/attention/query/kernel"]
+    assert flat["joint/encoder/block_0/mlp/fc1/kernel"]
+    for name in ("joint/encoder/block_0/mlp/fc1/bias", "joint/encoder/final_norm/scale",
+                 "joint/text_embeddings/token/embedding", "joint/image_embeddings/position",
+                 "joint/image_embeddings/class_token", "logit_scale/log_scale"):
+        assert not flat[name], name
+
+
+def test_dual_encoder_trains_with_the_same_trainer(data_dir, tmp_path):
+    config = tiny_config(data_dir, "model.kind=dual")
+    results = train_and_evaluate(config, str(tmp_path), progress=False)
+    assert os.path.isdir(tmp_path / "checkpoints" / "6")
+    assert 0.0 <= results["average"]["mean_recall"] <= 100.0
+    assert all(np.isfinite(_losses(str(tmp_path))))
