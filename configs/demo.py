@@ -67,6 +67,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.log_every = 25
     config.train.checkpoint_every = 250
     config.train.num_devices = 0  # 0: every device of every host
+    # Start a new run from another run's parameters: a workdir, or one of its checkpoints/<step>.
+    config.train.init_from = ""
+
+    # Each term's weight (0 = off); see vlretrieval/objectives.py.
+    config.objectives = ml_collections.ConfigDict(
+        dict(
+            contrastive=1.0,
+            reweighted_contrastive=0.0,
+            reweight_beta=1.0,
+            hardest_negative_hinge=0.0,
+            hinge_margin=0.2,
+            image_text_matching=0.0,
+            masked_language_model=0.0,
+            mlm_probability=0.15,
+            # Composed bimodal hard negatives: one extra logit column per example.
+            composed_text_negatives=False,
+            text_swap_fraction=0.3,
+            composed_image_negatives=False,
+            image_mix_fraction=0.5,
+        )
+    )
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.learning_rate = 2e-3
@@ -80,6 +101,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval.split = "test"
     config.eval.batch_size = 500
     config.eval.recall_at = (1, 5, 10)
+    config.eval.mode = "towers"  # or "joint" (ITM score of every pair) or "rerank"
+    config.eval.shortlist = 20  # candidates per query that rerank re-orders
+    config.eval.pair_batch_size = 256  # (text, image) pairs per joint pass
+    config.eval.max_images = 0  # evaluate on the first N images only (0 = all): joint mode is O(N^2)
 
     if arg == "tiny":  # a smoke run: tiny data, tiny model, a few steps
         config.data.num_train, config.data.num_validation, config.data.num_test = 256, 32, 64

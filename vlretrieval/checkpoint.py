@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -58,3 +60,60 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _checkpoint_location(path: str) -> tuple[str, int]:
+    """(checkpoints directory, step) for a workdir, its checkpoints/ folder, or checkpoints/<step>."""
+    path = os.path.abspath(path)
+    name = os.path.basename(path)
+    if name.isdigit() and os.path.isdir(path):
+        return os.path.dirname(path), int(name)
+    for directory in (os.path.join(path, "checkpoints"), path):
+        if os.path.isdir(directory):
+            steps = [int(entry) for entry in os.listdir(directory) if entry.isdigit()]
+            if steps:
+                return directory, max(steps)
+    raise UserError(f"--init_from {path}: no checkpoint there (expected a workdir or checkpoints/<step>)")
+
+
+def _path_name(path) -> str:
+    return "/".join(str(getattr(key, "key", key)) for key in path)
+
+
+def load_params(path: str, params_template: Any) -> Any:
+    """Parameters of another run's checkpoint, checked leaf by leaf against this model's.
+
+    The first parameter that is missing, extra or of another shape is named with both shapes:
+    a checkpoint of another architecture must fail loudly, not load half-way.
+    """
+    directory, step = _checkpoint_location(path)
+    manager = ocp.CheckpointManager(directory)
+    try:
+        saved = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    except Exception as error:  # orbax raises many types for an unreadable checkpoint
+        raise UserError(f"--init_from {path}: cannot read checkpoint {step}: {str(error).splitlines()[0]}") from None
+    finally:
+        manager.close()
+    state = saved.state
+    saved_params = state["params"] if isinstance(state, dict) else state.params
+    saved_leaves = dict(
+        (_path_name(p), leaf) for p, leaf in jax.tree_util.tree_leaves_with_path(saved_params)
+    )
+    template_leaves = jax.tree_util.tree_leaves_with_path(params_template)
+    for leaf_path, leaf in template_leaves:
+        name = _path_name(leaf_path)
+        if name not in saved_leaves:
+            raise UserError(f"--init_from {path}: parameter {name} of this model is not in the checkpoint")
+        if tuple(saved_leaves[name].shape) != tuple(leaf.shape):
+            raise UserError(
+                f"--init_from {path}: parameter {name} has shape {tuple(saved_leaves[name].shape)} "
+                f"in the checkpoint but {tuple(leaf.shape)} in this model"
+            )
+    extra = sorted(set(saved_leaves) - {_path_name(p) for p, _ in template_leaves})
+    if extra:
+        raise UserError(f"--init_from {path}: checkpoint parameter {extra[0]} is not in this model")
+    treedef = jax.tree_util.tree_structure(params_template)
+    return jax.tree_util.tree_unflatten(
+        treedef,
+        [jnp.asarray(saved_leaves[_path_name(p)], leaf.dtype) for p, leaf in template_leaves],
+    )

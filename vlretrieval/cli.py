@@ -36,9 +36,24 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--no_progress", action="store_true", help="no progress bar")
         return sub
 
+    def with_init_from(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--init_from",
+            help="start from another run's parameters (a workdir or checkpoints/<step>): "
+            "shorthand for --config.train.init_from",
+        )
+
     command("prepare-data", "Build the config's dataset and tokenizer (the demo set is generated).", workdir=False)
-    command("train", "Train (resuming from the latest checkpoint in --workdir), then evaluate.")
-    command("eval", "Evaluate the latest checkpoint in --workdir and write results.json.")
+    with_init_from(command("train", "Train (resuming from the latest checkpoint in --workdir), then evaluate."))
+    evaluate = command("eval", "Evaluate the latest checkpoint in --workdir and write results.json.")
+    evaluate.add_argument(
+        "--mode",
+        choices=("towers", "joint", "rerank"),
+        default=None,
+        help="towers: two encoder passes + a matrix product (default); joint: the joint model's "
+        "ITM score for every (image, text) pair; rerank: towers shortlist, joint model re-orders",
+    )
+    evaluate.add_argument("--shortlist", type=int, help="candidates per query for --mode rerank")
     command("demo", "Train and evaluate the demo end to end and print the results table.")
     return parser
 
@@ -68,6 +83,12 @@ def run(argv: list[str]) -> int:
     args = _parser().parse_args(rest)
     if args.data_dir:
         overrides.insert(0, f"data.data_dir={args.data_dir}")
+    if getattr(args, "init_from", None):
+        overrides.insert(0, f"train.init_from={args.init_from}")
+    if getattr(args, "mode", None):
+        overrides.insert(0, f"eval.mode={args.mode}")
+    if getattr(args, "shortlist", None):
+        overrides.insert(0, f"eval.shortlist={args.shortlist}")
 
     # Imports after argument parsing: `--help` stays instant, and JAX starts only when needed.
     from vlretrieval.config import load_config

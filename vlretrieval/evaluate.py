@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from vlretrieval import parallel
+from vlretrieval import parallel, rerank
 from vlretrieval.data.pipeline import normalize_images
 from vlretrieval.data.tokenizer import TextTokenizer
 
@@ -92,6 +92,19 @@ def recall_metrics(ranks: np.ndarray, recall_at: Sequence[int]) -> dict[str, flo
     return metrics
 
 
+def metrics_from_ranks(
+    text_to_image_ranks: np.ndarray, image_to_text_ranks: np.ndarray, recall_at: Sequence[int]
+) -> dict[str, Any]:
+    """Both directions' recall metrics and their mean recall (the mean of every R@K)."""
+    results = {
+        "text_to_image": recall_metrics(text_to_image_ranks, recall_at),
+        "image_to_text": recall_metrics(image_to_text_ranks, recall_at),
+    }
+    recalls = [results[d][f"R@{k}"] for d in DIRECTIONS for k in recall_at]
+    results["mean_recall"] = float(np.mean(recalls))
+    return results
+
+
 def bidirectional_metrics(
     image_embeddings: np.ndarray,
     text_embeddings: np.ndarray,
@@ -100,17 +113,11 @@ def bidirectional_metrics(
 ) -> dict[str, Any]:
     """Metrics both ways for a gallery of images and captions; `text_owners[j]` is j's image."""
     image_owners = np.arange(len(image_embeddings))
-    results = {
-        "text_to_image": recall_metrics(
-            retrieval_ranks(text_embeddings, text_owners, image_embeddings, image_owners), recall_at
-        ),
-        "image_to_text": recall_metrics(
-            retrieval_ranks(image_embeddings, image_owners, text_embeddings, text_owners), recall_at
-        ),
-    }
-    recalls = [results[d][f"R@{k}"] for d in DIRECTIONS for k in recall_at]
-    results["mean_recall"] = float(np.mean(recalls))
-    return results
+    return metrics_from_ranks(
+        retrieval_ranks(text_embeddings, text_owners, image_embeddings, image_owners),
+        retrieval_ranks(image_embeddings, image_owners, text_embeddings, text_owners),
+        recall_at,
+    )
 
 
 def average_over_languages(per_language: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -127,6 +134,19 @@ def average_over_languages(per_language: dict[str, dict[str, Any]]) -> dict[str,
     return average
 
 
+MODES = ("towers", "joint", "rerank")
+
+
+def subset(split: dict[str, Any], max_images: int) -> dict[str, Any]:
+    """The first `max_images` images of a loaded split and their captions (0 = all)."""
+    if not max_images or max_images >= len(split["images"]):
+        return split
+    return {
+        "images": split["images"][:max_images],
+        "captions": {lang: c[:max_images] for lang, c in split["captions"].items()},
+    }
+
+
 def evaluate_split(
     model,
     params,
@@ -137,23 +157,32 @@ def evaluate_split(
     batch_size: int,
     max_text_length: int,
     recall_at: Sequence[int] = (1, 5, 10),
+    mode: str = "towers",
+    shortlist_size: int = 20,
+    pair_batch_size: int = 256,
 ) -> dict[str, Any]:
     """Per-language and average retrieval metrics on a split loaded by `pipeline.load_split`.
 
-    Images are embedded once; each language's captions are ranked against them.
+    Images are embedded once; each language's captions are ranked against them by the towers
+    (`towers`), by the joint model's score of every pair (`joint`), or by the towers and then the
+    joint model on each query's `shortlist_size` best candidates (`rerank`).
     """
+    if mode not in MODES:
+        raise ValueError(f"unknown evaluation mode {mode!r}; choose one of {MODES}")
     params = parallel.replicate(params, mesh)
     # Parameters are jit arguments, not closed-over constants baked into the program.
     encode_image = jax.jit(lambda p, images: model.apply({"params": p}, images, method=model.encode_image))
     encode_text = jax.jit(
         lambda p, ids, mask: model.apply({"params": p}, ids, mask, method=model.encode_text)
     )
+    images = normalize_images(split["images"])
+    image_owners = np.arange(len(images))
     image_embeddings = embed_in_batches(
-        lambda images: encode_image(params, images),
-        [normalize_images(split["images"])],
-        batch_size,
-        mesh,
+        lambda batch: encode_image(params, batch), [images], batch_size, mesh
     )
+    scorer = None
+    if mode != "towers":
+        scorer = rerank.make_pair_scorer(model, params, mesh, pair_batch_size)
     per_language = {}
     for language, captions_per_image in split["captions"].items():
         texts = [caption for captions in captions_per_image for caption in captions]
@@ -162,14 +191,44 @@ def evaluate_split(
         text_embeddings = embed_in_batches(
             lambda ids, mask: encode_text(params, ids, mask), [token_ids, text_mask], batch_size, mesh
         )
-        per_language[language] = bidirectional_metrics(
-            image_embeddings, text_embeddings, owners, recall_at
-        )
-    return {
+        if mode == "towers":
+            per_language[language] = bidirectional_metrics(
+                image_embeddings, text_embeddings, owners, recall_at
+            )
+            continue
+        pairs = (token_ids, text_mask, images)
+        if mode == "joint":
+            scores = rerank.all_pairs_scores(scorer, *pairs)  # [texts, images]
+            text_ranks = rerank.ranks_from_scores(scores, owners, image_owners)
+            image_ranks = rerank.ranks_from_scores(scores.T, image_owners, owners)
+        else:
+            tower_scores = text_embeddings @ image_embeddings.T
+            image_candidates = rerank.shortlist(tower_scores, shortlist_size)  # per text
+            text_candidates = rerank.shortlist(tower_scores.T, shortlist_size)  # per image
+            text_index = np.repeat(np.arange(len(texts)), image_candidates.shape[1])
+            image_joint = rerank.score_pairs(
+                scorer, *pairs, text_index, image_candidates.ravel()
+            ).reshape(image_candidates.shape)
+            image_index = np.repeat(image_owners, text_candidates.shape[1])
+            text_joint = rerank.score_pairs(
+                scorer, *pairs, text_candidates.ravel(), image_index
+            ).reshape(text_candidates.shape)
+            text_ranks = rerank.reranked_ranks(
+                tower_scores, image_candidates, image_joint, owners, image_owners
+            )
+            image_ranks = rerank.reranked_ranks(
+                tower_scores.T, text_candidates, text_joint, image_owners, owners
+            )
+        per_language[language] = metrics_from_ranks(text_ranks, image_ranks, recall_at)
+    results = {
+        "mode": mode,
         "num_images": int(len(image_embeddings)),
         "languages": per_language,
         "average": average_over_languages(per_language),
     }
+    if mode == "rerank":
+        results["shortlist"] = int(shortlist_size)
+    return results
 
 
 def format_table(results: dict[str, Any], recall_at: Sequence[int] = (1, 5, 10)) -> str:

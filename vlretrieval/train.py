@@ -18,13 +18,14 @@ import ml_collections
 import optax
 from tqdm import tqdm
 
-from vlretrieval import losses, parallel
-from vlretrieval.checkpoint import Checkpointer
+from vlretrieval import objectives, parallel
+from vlretrieval.checkpoint import Checkpointer, load_params
 from vlretrieval.data import datasets, pipeline
 from vlretrieval.errors import UserError
-from vlretrieval.evaluate import evaluate_split, format_table, write_results
+from vlretrieval.evaluate import evaluate_split, format_table, subset, write_results
 from vlretrieval.models import build_model, init_params
 from vlretrieval.models.factory import parameter_count
+from vlretrieval.negatives import TextNegativeComposer
 
 
 @flax.struct.dataclass
@@ -71,32 +72,37 @@ def create_train_state(model, tx, seed: int) -> TrainState:
     )
 
 
-def make_train_step(model, tx, schedule):
-    """A pure `(state, batch) -> (state, metrics)` step; `jit` shards it over the mesh."""
+def make_train_step(model, tx, schedule, loss_fn):
+    """A pure `(state, batch) -> (state, metrics)` step; `jit` shards it over the mesh.
+
+    `loss_fn(params, batch, rng) -> (loss, metrics)` comes from `objectives.make_loss_fn`.
+    """
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
-        dropout_rng = jax.random.fold_in(state.rng, state.step)
-
-        def loss_fn(params):
-            outputs = model.apply(
-                {"params": params},
-                batch["images"],
-                batch["token_ids"],
-                batch["text_mask"],
-                train=True,
-                rngs={"dropout": dropout_rng},
-            )
-            return losses.softmax_contrastive_loss(
-                outputs["image_embeddings"], outputs["text_embeddings"], outputs["logit_scale"]
-            )
-
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        step_rng = jax.random.fold_in(state.rng, state.step)
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, batch, step_rng
+        )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, gradient_norm=optax.tree.norm(grads), learning_rate=schedule(state.step))
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
+
+
+def loss_fn_for(model, config: ml_collections.ConfigDict, data):
+    """The config's objectives as one loss function, checked against the model and data."""
+    objectives.check_objectives(
+        config.objectives, model, data.tokenizer.mask_id, data.content_words is not None
+    )
+    return objectives.make_loss_fn(
+        model,
+        config.objectives,
+        patch_size=config.model.patch_size,
+        mask_id=data.tokenizer.mask_id,
+        vocab_size=data.tokenizer.vocab_size,
+    )
 
 
 def check_workdir_writable(workdir: str) -> None:
@@ -144,11 +150,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     model = build_model(config.model, data.tokenizer.vocab_size)
     tx, schedule = make_optimizer(config.optimizer, config.train.num_steps)
     state = create_train_state(model, tx, config.seed)
+    loss_fn = loss_fn_for(model, config, data)
     checkpointer = Checkpointer(workdir)
     start_step = checkpointer.latest_step() or 0
     if start_step:
         state = checkpointer.restore(state)
         print(f"resuming from the checkpoint at step {start_step} in {checkpointer.directory}")
+    elif config.train.init_from:
+        # A new run starting from another run's weights (e.g. the towers from a pre-trained joint
+        # model): parameters only; the optimizer, step and data order start afresh.
+        params = load_params(config.train.init_from, state.params)
+        state = state.replace(params=params, opt_state=tx.init(params))
+        print(f"initialised the parameters from {config.train.init_from}")
     state = parallel.replicate(state, mesh)
     print(
         f"model: {config.model.kind}, {parameter_count(state.params) / 1e6:.2f}M parameters; "
@@ -156,7 +169,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     )
 
     step_fn = jax.jit(
-        make_train_step(model, tx, schedule),
+        make_train_step(model, tx, schedule, loss_fn),
         in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
         out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
         donate_argnums=0,
@@ -168,6 +181,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
         languages=config.data.languages,
         max_text_length=config.data.max_text_length,
         seed=config.seed,
+        text_negatives=(
+            TextNegativeComposer(data.content_words, config.objectives.text_swap_fraction)
+            if config.objectives.composed_text_negatives
+            else None
+        ),
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
@@ -212,7 +230,10 @@ def evaluate_checkpoint(
         params = checkpointer.restore(create_train_state(model, tx, config.seed)).params
         checkpointer.close()
     mesh = parallel.make_mesh(config.train.num_devices or None)
-    split = pipeline.load_split(data.split(config.eval.split), config.data.languages)
+    split = subset(
+        pipeline.load_split(data.split(config.eval.split), config.data.languages),
+        config.eval.max_images,
+    )
     results = evaluate_split(
         model,
         params,
@@ -222,10 +243,15 @@ def evaluate_checkpoint(
         batch_size=config.eval.batch_size,
         max_text_length=config.data.max_text_length,
         recall_at=config.eval.recall_at,
+        mode=config.eval.mode,
+        shortlist_size=config.eval.shortlist,
+        pair_batch_size=config.eval.pair_batch_size,
     )
     results["split"] = config.eval.split
     if jax.process_index() == 0:
-        write_results(results, workdir)
+        # Towers results are the run's results.json; other modes do not overwrite them.
+        name = "results.json" if config.eval.mode == "towers" else f"results_{config.eval.mode}.json"
+        write_results(results, workdir, name)
     return results
 
 

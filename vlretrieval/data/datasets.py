@@ -13,7 +13,7 @@ from typing import Any
 import ml_collections
 import tensorflow_datasets as tfds
 
-from vlretrieval.data.builders import demo_scenes
+from vlretrieval.data.builders import demo_scenes, scenes
 from vlretrieval.data.tokenizer import TextTokenizer, load_tokenizer
 from vlretrieval.errors import UserError
 
@@ -25,6 +25,8 @@ class RetrievalData:
     builder: tfds.core.DatasetBuilder
     tokenizer: TextTokenizer
     directory: str
+    # language -> kind -> value -> word forms, for composing negative captions; None if unknown.
+    content_words: dict[str, Any] | None = None
     _sources: dict[str, Any] | None = None
 
     def split(self, name: str):
@@ -74,4 +76,7 @@ def open_dataset(config: ml_collections.ConfigDict, seed: int) -> RetrievalData:
             f"config.data.languages names {missing}, which the dataset at {directory} does not "
             f"have; it has {sorted(caption_languages)}"
         )
-    return RetrievalData(builder=builder, tokenizer=tokenizer, directory=directory)
+    content_words = scenes.WORD_FORMS if builder.name == demo_scenes.DemoScenes.name else None
+    return RetrievalData(
+        builder=builder, tokenizer=tokenizer, directory=directory, content_words=content_words
+    )

@@ -21,8 +21,12 @@ def normalize_images(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32) / 127.5 - 1.0
 
 
-def _pick_caption(languages: Sequence[str]):
-    """A random_map function: one image with one caption drawn from any of its languages."""
+def _pick_caption(languages: Sequence[str], text_negatives=None):
+    """A random_map function: one image with one caption drawn from any of its languages.
+
+    With `text_negatives` (a `negatives.TextNegativeComposer`), also the caption with some of its
+    content words swapped: a hard negative text composed for this example.
+    """
 
     def pick(record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         language = languages[rng.integers(len(languages))]
@@ -30,7 +34,12 @@ def _pick_caption(languages: Sequence[str]):
         caption = captions[rng.integers(len(captions))]
         if isinstance(caption, bytes):
             caption = caption.decode("utf-8")
-        return {"image": record["image"], "caption": caption}
+        example = {"image": record["image"], "caption": caption}
+        if text_negatives is not None:
+            example["negative_caption"], example["negative_valid"] = text_negatives(
+                caption, language, rng
+            )
+        return example
 
     return pick
 
@@ -38,11 +47,19 @@ def _pick_caption(languages: Sequence[str]):
 def _tokenize_batch(tokenizer: TextTokenizer, max_length: int):
     def tokenize(batch: dict[str, Any]) -> dict[str, np.ndarray]:
         token_ids, text_mask = tokenizer.encode(list(batch["caption"]), max_length)
-        return {
+        tokenized = {
             "images": normalize_images(batch["image"]),
             "token_ids": token_ids,
             "text_mask": text_mask,
         }
+        if "negative_caption" in batch:
+            negative_ids, negative_mask = tokenizer.encode(list(batch["negative_caption"]), max_length)
+            tokenized.update(
+                negative_token_ids=negative_ids,
+                negative_text_mask=negative_mask,
+                negative_valid=np.asarray(batch["negative_valid"], np.int32),
+            )
+        return tokenized
 
     return tokenize
 
@@ -55,6 +72,7 @@ def training_dataset(
     languages: Sequence[str],
     max_text_length: int,
     seed: int,
+    text_negatives=None,
     process_index: int = 0,
     process_count: int = 1,
 ) -> grain.MapDataset:
@@ -64,7 +82,7 @@ def training_dataset(
     return (
         dataset.shuffle(seed=seed)
         .repeat(None)  # repeat after shuffle: grain reshuffles every epoch
-        .random_map(_pick_caption(tuple(languages)), seed=seed + 1)
+        .random_map(_pick_caption(tuple(languages), text_negatives), seed=seed + 1)
         .batch(local_batch_size, drop_remainder=True)
         .map(_tokenize_batch(tokenizer, max_text_length))
     )

@@ -56,6 +56,10 @@ class JointVLTransformer(nn.Module):
         # BERT/ViLT pooler: a dense + tanh over the first token of the stream.
         self.pooler = nn.Dense(width, name="pooler")
         self.itm_head = nn.Dense(2, name="itm_head")
+        # BERT's MLM head: transform, normalise, then scores over the vocabulary.
+        self.mlm_transform = nn.Dense(width, name="mlm_transform")
+        self.mlm_norm = nn.LayerNorm(epsilon=cfg.text_layer_norm_eps, name="mlm_norm")
+        self.mlm_decoder = nn.Dense(cfg.vocab_size, name="mlm_decoder")
 
     def embed_text(self, token_ids: jax.Array, *, train: bool = False) -> jax.Array:
         return self.modality(self.text_embeddings(token_ids, train=train), TEXT)
@@ -78,10 +82,19 @@ class JointVLTransformer(nn.Module):
     def pool(self, sequence: jax.Array) -> jax.Array:
         return jnp.tanh(self.pooler(sequence[:, 0]))
 
+    def mlm_logits(self, text_sequence: jax.Array) -> jax.Array:
+        """[batch, text_length, vocab] token scores from the text part of a joint sequence."""
+        hidden = jax.nn.gelu(self.mlm_transform(text_sequence), approximate=False)
+        return self.mlm_decoder(self.mlm_norm(hidden))
+
     def __call__(
         self, token_ids: jax.Array, text_mask: jax.Array, images: jax.Array, *, train: bool = False
     ) -> dict[str, jax.Array]:
-        """One joint pass over each (text, image) pair of the batch."""
+        """One joint pass over each (text, image) pair: sequence, pooled output, ITM logits.
+
+        `mlm_logits` are returned too (the text positions' vocabulary scores); under jit they are
+        computed only when used.
+        """
         text = self.embed_text(token_ids, train=train)
         image = self.embed_image(images, train=train)
         stream = jnp.concatenate([text, image], axis=1)
@@ -90,4 +103,9 @@ class JointVLTransformer(nn.Module):
         )
         sequence = self.encoder(stream, mask, train=train)
         pooled = self.pool(sequence)
-        return {"sequence": sequence, "pooled": pooled, "itm_logits": self.itm_head(pooled)}
+        return {
+            "sequence": sequence,
+            "pooled": pooled,
+            "itm_logits": self.itm_head(pooled),
+            "mlm_logits": self.mlm_logits(sequence[:, : token_ids.shape[1]]),
+        }

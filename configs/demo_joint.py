@@ -1,0 +1,35 @@
+"""Pre-trains the joint (early-interaction) model on the demo data (Unicoder-VL/VinVL style).
+
+Objectives: image-text matching with negatives drawn from the batch by contrastive similarity,
+masked language modelling with the image as context, and the towers' InfoNCE (which both trains
+the shared weights and supplies the similarities the ITM negatives are drawn from).
+  vlretrieval train --config configs/demo_joint.py --workdir workdir/joint
+Then decompose: configs/demo_decompose.py.
+"""
+
+import importlib.util
+import os
+
+
+def _demo_config(arg):
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
+    spec = importlib.util.spec_from_file_location("vlretrieval_demo_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def get_config(arg=None):
+    config = _demo_config(arg)
+    config.objectives.contrastive = 1.0
+    config.objectives.image_text_matching = 1.0
+    config.objectives.masked_language_model = 1.0
+    if arg is None:
+        config.train.batch_size = 64
+        config.train.num_steps = 600
+        config.train.checkpoint_every = 300
+        config.optimizer.warmup_steps = 60
+        # The joint model is scored pair by pair: evaluate it on the first 100 test images (500
+        # captions per language) and English only; towers mode covers the whole split.
+        config.eval.max_images = 100
+    return config

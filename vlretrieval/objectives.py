@@ -1,0 +1,161 @@
+"""Training objectives composed from config: one loss function for every kind of run.
+
+Terms (each with its weight in `config.objectives`; 0 switches it off):
+- `contrastive`: symmetric InfoNCE on the towers' embeddings;
+- `reweighted_contrastive`: InfoNCE with hard negatives up-weighted by `reweight_beta`;
+- `hardest_negative_hinge`: VSE++ hinge against the hardest negative, `hinge_margin`;
+- `image_text_matching`: the joint model's ITM head on positives and on negatives drawn from the
+  batch in proportion to their contrastive similarity (ALBEF/VinVL-style hard negatives);
+- `masked_language_model`: BERT-style MLM on the text, with the image as context.
+Composed bimodal negatives (`composed_text_negatives`, `composed_image_negatives`) add one extra
+column per row to every tower term.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from vlretrieval import losses, negatives
+
+TOWER_TERMS = ("contrastive", "reweighted_contrastive", "hardest_negative_hinge")
+JOINT_TERMS = ("image_text_matching", "masked_language_model")
+
+
+def mask_tokens(
+    rng: jax.Array,
+    token_ids: jax.Array,
+    text_mask: jax.Array,
+    *,
+    mask_id: int,
+    vocab_size: int,
+    probability: float,
+    first_ordinary_id: int = 5,
+) -> tuple[jax.Array, jax.Array]:
+    """BERT masking: of the chosen tokens 80% become [MASK], 10% a random token, 10% stay.
+
+    Never chooses padding, the first token ([CLS]) or the last real one ([SEP]).
+    Returns (masked ids, bool [batch, length] of chosen positions).
+    """
+    choose_rng, action_rng, token_rng = jax.random.split(rng, 3)
+    positions = jnp.arange(token_ids.shape[1])[None, :]
+    lengths = text_mask.sum(axis=1, keepdims=True)
+    maskable = (text_mask == 1) & (positions > 0) & (positions < lengths - 1)
+    chosen = maskable & (jax.random.uniform(choose_rng, token_ids.shape) < probability)
+    action = jax.random.uniform(action_rng, token_ids.shape)
+    random_tokens = jax.random.randint(token_rng, token_ids.shape, first_ordinary_id, vocab_size)
+    masked = jnp.where(action < 0.8, mask_id, jnp.where(action < 0.9, random_tokens, token_ids))
+    return jnp.where(chosen, masked, token_ids).astype(token_ids.dtype), chosen
+
+
+def check_objectives(
+    config: ml_collections.ConfigDict, model, mask_id: int | None, has_content_words: bool
+) -> None:
+    """Fail early on combinations that cannot run (a joint term on a model with no joint pass)."""
+    from vlretrieval.errors import UserError
+
+    weights = {term: config[term] for term in TOWER_TERMS + JOINT_TERMS}
+    if not any(weight > 0 for weight in weights.values()):
+        raise UserError("every config.objectives weight is 0: nothing to train")
+    if any(config[term] > 0 for term in JOINT_TERMS) and not hasattr(model, "joint_forward"):
+        raise UserError(
+            "config.objectives.image_text_matching / masked_language_model need the joint model "
+            "(config.model.kind=decomposed)"
+        )
+    if config.masked_language_model > 0 and mask_id is None:
+        raise UserError("config.objectives.masked_language_model needs a tokenizer with a mask token")
+    if config.composed_text_negatives and not has_content_words:
+        raise UserError(
+            "config.objectives.composed_text_negatives needs the dataset's content-word lists "
+            "(the demo set has them); switch it off for this dataset"
+        )
+
+
+def make_loss_fn(
+    model, config: ml_collections.ConfigDict, *, patch_size: int, mask_id: int | None, vocab_size: int
+):
+    """`loss_fn(params, batch, rng) -> (loss, metrics)` for the objectives in `config`."""
+    use_tower_terms = any(config[term] > 0 for term in TOWER_TERMS)
+
+    def loss_fn(params, batch: dict[str, jax.Array], rng: jax.Array):
+        dropout_rng, mix_rng, itm_rng, mlm_rng = jax.random.split(rng, 4)
+
+        def apply(*args, method):
+            return model.apply(
+                {"params": params}, *args, train=True, rngs={"dropout": dropout_rng}, method=method
+            )
+
+        images, token_ids, text_mask = batch["images"], batch["token_ids"], batch["text_mask"]
+        outputs = apply(images, token_ids, text_mask, method=model.__call__)
+        image_embeddings = outputs["image_embeddings"]
+        text_embeddings = outputs["text_embeddings"]
+        logit_scale = outputs["logit_scale"]
+        metrics: dict[str, Any] = {}
+        total = 0.0
+
+        if use_tower_terms:
+            extras: dict[str, jax.Array] = {}
+            if config.composed_image_negatives:
+                mixed, _ = negatives.mix_patches(images, mix_rng, patch_size, config.image_mix_fraction)
+                extras["extra_image_negatives"] = apply(mixed, method=model.encode_image)
+            if config.composed_text_negatives:
+                extras["extra_text_negatives"] = apply(
+                    batch["negative_token_ids"], batch["negative_text_mask"], method=model.encode_text
+                )
+                extras["extra_text_valid"] = batch["negative_valid"]
+            embeddings = (image_embeddings, text_embeddings)
+            if config.contrastive > 0:
+                term, contrastive_metrics = losses.softmax_contrastive_loss(
+                    *embeddings, logit_scale, **extras
+                )
+                metrics.update(contrastive_metrics, contrastive_loss=term)
+                total += config.contrastive * term
+            if config.reweighted_contrastive > 0:
+                term = losses.reweighted_contrastive_loss(
+                    *embeddings, logit_scale, config.reweight_beta, **extras
+                )
+                metrics["reweighted_contrastive_loss"] = term
+                total += config.reweighted_contrastive * term
+            if config.hardest_negative_hinge > 0:
+                term = losses.hardest_negative_hinge_loss(*embeddings, config.hinge_margin, **extras)
+                metrics["hardest_negative_hinge_loss"] = term
+                total += config.hardest_negative_hinge * term
+        metrics["logit_scale"] = logit_scale
+
+        if config.image_text_matching > 0:
+            # Negatives drawn in proportion to softmax(similarity): the pairs the towers confuse.
+            similarity = jax.lax.stop_gradient(
+                losses.similarity_logits(image_embeddings, text_embeddings, logit_scale)
+            )
+            text_rng, image_rng = jax.random.split(itm_rng)
+            negative_text = negatives.sample_by_similarity(text_rng, similarity)  # per image
+            negative_image = negatives.sample_by_similarity(image_rng, similarity.T)  # per text
+            pair_ids = jnp.concatenate([token_ids, token_ids[negative_text], token_ids])
+            pair_mask = jnp.concatenate([text_mask, text_mask[negative_text], text_mask])
+            pair_images = jnp.concatenate([images, images, images[negative_image]])
+            batch_size = images.shape[0]
+            labels = jnp.concatenate(
+                [jnp.ones(batch_size, jnp.int32), jnp.zeros(2 * batch_size, jnp.int32)]
+            )
+            joint = apply(pair_ids, pair_mask, pair_images, method=model.joint_forward)
+            term, accuracy = losses.matching_loss(joint["itm_logits"], labels)
+            metrics.update(image_text_matching_loss=term, image_text_matching_accuracy=accuracy)
+            total += config.image_text_matching * term
+
+        if config.masked_language_model > 0:
+            masked_ids, chosen = mask_tokens(
+                mlm_rng, token_ids, text_mask, mask_id=mask_id, vocab_size=vocab_size,
+                probability=config.mlm_probability,
+            )
+            joint = apply(masked_ids, text_mask, images, method=model.joint_forward)
+            term, accuracy = losses.masked_language_model_loss(joint["mlm_logits"], token_ids, chosen)
+            metrics.update(masked_language_model_loss=term, masked_language_model_accuracy=accuracy)
+            total += config.masked_language_model * term
+
+        metrics["loss"] = total
+        return total, metrics
+
+    return loss_fn
