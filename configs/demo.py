@@ -79,6 +79,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             hardest_negative_hinge=0.0,
             hinge_margin=0.2,
             image_text_matching=0.0,
+            itm_sampling_temperature=0.0,  # 0: the learned temperature; else a fixed one
             masked_language_model=0.0,
             mlm_probability=0.15,
             # Composed bimodal hard negatives: one extra logit column per example.
@@ -104,6 +105,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval.mode = "towers"  # or "joint" (ITM score of every pair) or "rerank"
     config.eval.shortlist = 20  # candidates per query that rerank re-orders
     config.eval.pair_batch_size = 256  # (text, image) pairs per joint pass
+    # The checkpoint whose joint model scores pairs in joint/rerank modes (a workdir or
+    # checkpoints/<step>); empty = the evaluated checkpoint itself.
+    config.eval.joint_from = ""
     config.eval.max_images = 0  # evaluate on the first N images only (0 = all): joint mode is O(N^2)
 
     if arg == "tiny":  # a smoke run: tiny data, tiny model, a few steps

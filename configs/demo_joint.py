@@ -24,6 +24,9 @@ def get_config(arg=None):
     config.objectives.contrastive = 1.0
     config.objectives.image_text_matching = 1.0
     config.objectives.masked_language_model = 1.0
+    # Sample ITM negatives from softmax(cosine / 0.5): harder than random, but not only the
+    # near-duplicates that the learned temperature (~1/20) picks, which stall a fresh ITM head.
+    config.objectives.itm_sampling_temperature = 0.5
     if arg is None:
         config.train.batch_size = 64
         config.train.num_steps = 600

@@ -54,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
         "ITM score for every (image, text) pair; rerank: towers shortlist, joint model re-orders",
     )
     evaluate.add_argument("--shortlist", type=int, help="candidates per query for --mode rerank")
+    evaluate.add_argument(
+        "--joint_from",
+        help="the checkpoint whose joint model scores pairs (default: the evaluated one), e.g. "
+        "the joint model before decomposition",
+    )
     command("demo", "Train and evaluate the demo end to end and print the results table.")
     return parser
 
@@ -87,6 +92,8 @@ def run(argv: list[str]) -> int:
         overrides.insert(0, f"train.init_from={args.init_from}")
     if getattr(args, "mode", None):
         overrides.insert(0, f"eval.mode={args.mode}")
+    if getattr(args, "joint_from", None):
+        overrides.insert(0, f"eval.joint_from={args.joint_from}")
     if getattr(args, "shortlist", None):
         overrides.insert(0, f"eval.shortlist={args.shortlist}")
 

@@ -160,12 +160,15 @@ def evaluate_split(
     mode: str = "towers",
     shortlist_size: int = 20,
     pair_batch_size: int = 256,
+    joint_params=None,
 ) -> dict[str, Any]:
     """Per-language and average retrieval metrics on a split loaded by `pipeline.load_split`.
 
     Images are embedded once; each language's captions are ranked against them by the towers
     (`towers`), by the joint model's score of every pair (`joint`), or by the towers and then the
-    joint model on each query's `shortlist_size` best candidates (`rerank`).
+    joint model on each query's `shortlist_size` best candidates (`rerank`). `joint_params` (by
+    default `params`) are the weights that score pairs: e.g. the joint model before decomposition,
+    re-ranking the shortlist of the decomposed towers.
     """
     if mode not in MODES:
         raise ValueError(f"unknown evaluation mode {mode!r}; choose one of {MODES}")
@@ -182,7 +185,9 @@ def evaluate_split(
     )
     scorer = None
     if mode != "towers":
-        scorer = rerank.make_pair_scorer(model, params, mesh, pair_batch_size)
+        scorer = rerank.make_pair_scorer(
+            model, params if joint_params is None else joint_params, mesh, pair_batch_size
+        )
     per_language = {}
     for language, captions_per_image in split["captions"].items():
         texts = [caption for captions in captions_per_image for caption in captions]

@@ -126,9 +126,16 @@ def make_loss_fn(
         metrics["logit_scale"] = logit_scale
 
         if config.image_text_matching > 0:
-            # Negatives drawn in proportion to softmax(similarity): the pairs the towers confuse.
+            # Negatives drawn in proportion to softmax(similarity / T): the pairs the towers
+            # confuse. T = 0 uses the towers' own learned temperature (ALBEF), which from scratch
+            # gives only near-duplicates, too hard for an ITM head that has learned nothing yet.
+            scale = (
+                logit_scale
+                if config.itm_sampling_temperature == 0
+                else 1.0 / config.itm_sampling_temperature
+            )
             similarity = jax.lax.stop_gradient(
-                losses.similarity_logits(image_embeddings, text_embeddings, logit_scale)
+                losses.similarity_logits(image_embeddings, text_embeddings, scale)
             )
             text_rng, image_rng = jax.random.split(itm_rng)
             negative_text = negatives.sample_by_similarity(text_rng, similarity)  # per image

@@ -229,6 +229,9 @@ def evaluate_checkpoint(
         checkpointer = Checkpointer(workdir)
         params = checkpointer.restore(create_train_state(model, tx, config.seed)).params
         checkpointer.close()
+    joint_params = None
+    if config.eval.joint_from and config.eval.mode != "towers":
+        joint_params = load_params(config.eval.joint_from, params)
     mesh = parallel.make_mesh(config.train.num_devices or None)
     split = subset(
         pipeline.load_split(data.split(config.eval.split), config.data.languages),
@@ -246,6 +249,7 @@ def evaluate_checkpoint(
         mode=config.eval.mode,
         shortlist_size=config.eval.shortlist,
         pair_batch_size=config.eval.pair_batch_size,
+        joint_params=joint_params,
     )
     results["split"] = config.eval.split
     if jax.process_index() == 0:
