@@ -83,3 +83,4 @@ def test_init_from_another_architecture_names_the_parameter_and_shapes(joint_run
         "--config.model.transformer.width=48", "--no_progress",
     )
     assert_one_line_error(result, "image_projection/kernel", "(32, 32) in the checkpoint but (48, 32)")
+    assert not (tmp_path / "w").exists()  # refused before anything was written

@@ -12,6 +12,7 @@ import pytest
 from vlretrieval import parallel
 from vlretrieval.config import load_config
 from vlretrieval.models import build_model
+from vlretrieval.objectives import make_loss_fn
 from vlretrieval.train import create_train_state, make_train_step, train, train_and_evaluate
 
 
@@ -89,10 +90,19 @@ def test_resume_from_a_checkpoint_continues_exactly(data_dir, tiny_run, tmp_path
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
-def test_step_on_8_devices_matches_1_device(data_dir):
+@pytest.mark.parametrize("objectives", ["contrastive", "every_term"])
+def test_step_on_8_devices_matches_1_device(data_dir, objectives):
     assert jax.device_count() == 8, "conftest.py fakes 8 CPU devices"
-    config = tiny_config(data_dir)
+    every_term = [
+        "objectives.reweighted_contrastive=0.5", "objectives.hardest_negative_hinge=0.5",
+        "objectives.image_text_matching=1.0", "objectives.masked_language_model=1.0",
+        "objectives.composed_text_negatives=true", "objectives.composed_image_negatives=true",
+    ]
+    config = tiny_config(data_dir, *(every_term if objectives == "every_term" else []))
     model = build_model(config.model, vocab_size=60)
+    loss_fn = make_loss_fn(
+        model, config.objectives, patch_size=config.model.patch_size, mask_id=4, vocab_size=60
+    )
     # Plain SGD: parameters then move by exactly lr x gradient, so they compare the gradients
     # themselves (Adam would magnify float noise in near-zero gradients into sign flips).
     tx, schedule = optax.sgd(0.5), lambda step: 0.5
@@ -101,13 +111,16 @@ def test_step_on_8_devices_matches_1_device(data_dir):
         "images": rng.normal(size=(32, 64, 64, 3)).astype(np.float32),
         "token_ids": rng.integers(5, 60, size=(32, 32)).astype(np.int32),
         "text_mask": (np.arange(32)[None, :] < rng.integers(4, 32, size=(32, 1))).astype(np.int32),
+        "negative_token_ids": rng.integers(5, 60, size=(32, 32)).astype(np.int32),
+        "negative_text_mask": (np.arange(32)[None, :] < rng.integers(4, 32, size=(32, 1))).astype(np.int32),
+        "negative_valid": (rng.random(32) < 0.9).astype(np.int32),
     }
     results = []
     for devices in (1, 8):
         mesh = parallel.make_mesh(devices)
         state = parallel.replicate(create_train_state(model, tx, seed=0), mesh)
         step = jax.jit(
-            make_train_step(model, tx, schedule),
+            make_train_step(model, tx, schedule, loss_fn),
             in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
             out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
         )

@@ -62,6 +62,12 @@ class Checkpointer:
         self.manager.close()
 
 
+def has_checkpoint(workdir: str) -> bool:
+    """Whether `workdir` holds a finished checkpoint (looked up without creating anything)."""
+    directory = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(directory) and any(entry.isdigit() for entry in os.listdir(directory))
+
+
 def _checkpoint_location(path: str) -> tuple[str, int]:
     """(checkpoints directory, step) for a workdir, its checkpoints/ folder, or checkpoints/<step>."""
     path = os.path.abspath(path)

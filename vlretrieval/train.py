@@ -19,7 +19,7 @@ import optax
 from tqdm import tqdm
 
 from vlretrieval import objectives, parallel
-from vlretrieval.checkpoint import Checkpointer, load_params
+from vlretrieval.checkpoint import Checkpointer, has_checkpoint, load_params
 from vlretrieval.data import datasets, pipeline
 from vlretrieval.errors import UserError
 from vlretrieval.evaluate import evaluate_split, format_table, subset, write_results
@@ -143,7 +143,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     """
     check_workdir_writable(workdir)
     data = datasets.open_dataset(config.data, seed=config.seed)  # bad data fails before any write
-    os.makedirs(workdir, exist_ok=True)
     mesh = parallel.make_mesh(config.train.num_devices or None)
     global_batch_size = config.train.batch_size
     parallel.check_batch_divisible(global_batch_size, mesh, "config.train.batch_size")
@@ -151,17 +150,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     tx, schedule = make_optimizer(config.optimizer, config.train.num_steps)
     state = create_train_state(model, tx, config.seed)
     loss_fn = loss_fn_for(model, config, data)
+    if config.train.init_from and not has_checkpoint(workdir):
+        # A new run starting from another run's weights (e.g. the towers from a pre-trained joint
+        # model): parameters only; the optimizer, step and data order start afresh. A resumed run
+        # ignores it: its own checkpoint is newer.
+        params = load_params(config.train.init_from, state.params)
+        state = state.replace(params=params, opt_state=tx.init(params))
+        print(f"initialised the parameters from {config.train.init_from}")
+    os.makedirs(workdir, exist_ok=True)  # only now: every input has been checked
     checkpointer = Checkpointer(workdir)
     start_step = checkpointer.latest_step() or 0
     if start_step:
         state = checkpointer.restore(state)
         print(f"resuming from the checkpoint at step {start_step} in {checkpointer.directory}")
-    elif config.train.init_from:
-        # A new run starting from another run's weights (e.g. the towers from a pre-trained joint
-        # model): parameters only; the optimizer, step and data order start afresh.
-        params = load_params(config.train.init_from, state.params)
-        state = state.replace(params=params, opt_state=tx.init(params))
-        print(f"initialised the parameters from {config.train.init_from}")
     state = parallel.replicate(state, mesh)
     print(
         f"model: {config.model.kind}, {parameter_count(state.params) / 1e6:.2f}M parameters; "
