@@ -77,6 +77,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch_size", type=int, default=500)
     parser.add_argument("--pair_batch_size", type=int, default=256)
+    parser.add_argument(
+        "--fusion_weights", default="0,2,5,10,20,50",
+        help="rerank score-fusion weights tried on the validation split; the best is reported on test",
+    )
     args = parser.parse_args()
 
     config, model, tower_params, data = _load(args.towers, args.data_dir)
@@ -117,15 +121,29 @@ def main() -> None:
     rerank_pairs = (num_texts + num_images) * args.shortlist
     rerank_seconds = towers_seconds + seconds_per_pair * rerank_pairs
 
-    recall_split = subset(split, args.recall_images)
-    recall = {}
-    for mode, params in (("towers", tower_params), ("joint", joint_params), ("rerank", tower_params)):
+    def evaluate_mode(eval_split, mode, params, weight=0.0):
         results = evaluate_split(
-            model, params, recall_split, data.tokenizer, mesh=mesh, batch_size=args.batch_size,
+            model, params, eval_split, data.tokenizer, mesh=mesh, batch_size=args.batch_size,
             max_text_length=config.data.max_text_length, mode=mode, shortlist_size=args.shortlist,
             pair_batch_size=args.pair_batch_size, joint_params=joint_params,
+            rerank_tower_weight=weight,
         )
-        recall[mode] = results["languages"][args.language]
+        return results["languages"][args.language]
+
+    # The fusion weight is chosen on validation images, never on the test images it is reported on.
+    validation = subset(pipeline.load_split(data.split("validation"), [args.language]), args.recall_images)
+    weights = [float(w) for w in args.fusion_weights.split(",")]
+    validation_recall = {
+        w: evaluate_mode(validation, "rerank", tower_params, w)["mean_recall"] for w in weights
+    }
+    best_weight = max(weights, key=lambda w: (validation_recall[w], -w))
+    recall_split = subset(split, args.recall_images)
+    recall = {
+        "towers": evaluate_mode(recall_split, "towers", tower_params),
+        "joint": evaluate_mode(recall_split, "joint", joint_params),
+        "rerank": evaluate_mode(recall_split, "rerank", tower_params),
+        "rerank_fused": evaluate_mode(recall_split, "rerank", tower_params, best_weight),
+    }
     full_towers = evaluate_split(
         model, tower_params, split, data.tokenizer, mesh=mesh, batch_size=args.batch_size,
         max_text_length=config.data.max_text_length,
@@ -145,6 +163,8 @@ def main() -> None:
         "speedup_towers_vs_joint": joint_seconds / towers_seconds,
         "speedup_rerank_vs_joint": joint_seconds / rerank_seconds,
         "recall_images": args.recall_images,
+        "rerank_fusion_weight_chosen_on_validation": best_weight,
+        "validation_mean_recall_by_fusion_weight": validation_recall,
         "recall_on_subset": {
             mode: {"mean_recall": r["mean_recall"], "text_to_image_R@1": r["text_to_image"]["R@1"],
                    "image_to_text_R@1": r["image_to_text"]["R@1"]}

@@ -104,6 +104,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval.recall_at = (1, 5, 10)
     config.eval.mode = "towers"  # or "joint" (ITM score of every pair) or "rerank"
     config.eval.shortlist = 20  # candidates per query that rerank re-orders
+    # Rerank by joint log-odds + this x tower cosine (0: the joint score alone).
+    config.eval.rerank_tower_weight = 0.0
     config.eval.pair_batch_size = 256  # (text, image) pairs per joint pass
     # The checkpoint whose joint model scores pairs in joint/rerank modes (a workdir or
     # checkpoints/<step>); empty = the evaluated checkpoint itself.

@@ -27,12 +27,12 @@ def setup():
     return model, params, split, tokenizer
 
 
-def _evaluate(setup, mode, shortlist=20):
+def _evaluate(setup, mode, shortlist=20, tower_weight=0.0):
     model, params, split, tokenizer = setup
     return evaluate_split(
         model, params, split, tokenizer, mesh=parallel.make_mesh(8), batch_size=8,
         max_text_length=12, recall_at=(1, 5, 10), mode=mode, shortlist_size=shortlist,
-        pair_batch_size=16,
+        pair_batch_size=16, rerank_tower_weight=tower_weight,
     )
 
 
@@ -49,6 +49,13 @@ def test_rerank_of_a_shortlist_of_one_equals_towers(setup):
     one = _evaluate(setup, "rerank", shortlist=1)
     # Re-ordering one candidate changes nothing: the same ranks as the towers.
     assert one["languages"] == towers["languages"]
+
+
+def test_score_fusion_dominated_by_the_towers_equals_towers(setup):
+    towers = _evaluate(setup, "towers")
+    fused = _evaluate(setup, "rerank", shortlist=24, tower_weight=1e6)
+    for language, metrics in towers["languages"].items():
+        assert fused["languages"][language]["mean_recall"] == pytest.approx(metrics["mean_recall"])
 
 
 def test_reranked_ranks_on_a_hand_made_case():

@@ -161,6 +161,7 @@ def evaluate_split(
     shortlist_size: int = 20,
     pair_batch_size: int = 256,
     joint_params=None,
+    rerank_tower_weight: float = 0.0,
 ) -> dict[str, Any]:
     """Per-language and average retrieval metrics on a split loaded by `pipeline.load_split`.
 
@@ -168,7 +169,8 @@ def evaluate_split(
     (`towers`), by the joint model's score of every pair (`joint`), or by the towers and then the
     joint model on each query's `shortlist_size` best candidates (`rerank`). `joint_params` (by
     default `params`) are the weights that score pairs: e.g. the joint model before decomposition,
-    re-ranking the shortlist of the decomposed towers.
+    re-ranking the shortlist of the decomposed towers. `rerank_tower_weight` > 0 re-orders by
+    joint log-odds + weight x tower cosine (score fusion) instead of the joint score alone.
     """
     if mode not in MODES:
         raise ValueError(f"unknown evaluation mode {mode!r}; choose one of {MODES}")
@@ -218,6 +220,8 @@ def evaluate_split(
             text_joint = rerank.score_pairs(
                 scorer, *pairs, text_candidates.ravel(), image_index
             ).reshape(text_candidates.shape)
+            image_joint += rerank_tower_weight * np.take_along_axis(tower_scores, image_candidates, 1)
+            text_joint += rerank_tower_weight * np.take_along_axis(tower_scores.T, text_candidates, 1)
             text_ranks = rerank.reranked_ranks(
                 tower_scores, image_candidates, image_joint, owners, image_owners
             )
@@ -233,6 +237,7 @@ def evaluate_split(
     }
     if mode == "rerank":
         results["shortlist"] = int(shortlist_size)
+        results["rerank_tower_weight"] = float(rerank_tower_weight)
     return results
 
 

@@ -251,6 +251,7 @@ def evaluate_checkpoint(
         shortlist_size=config.eval.shortlist,
         pair_batch_size=config.eval.pair_batch_size,
         joint_params=joint_params,
+        rerank_tower_weight=config.eval.rerank_tower_weight,
     )
     results["split"] = config.eval.split
     if jax.process_index() == 0:
