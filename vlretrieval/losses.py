@@ -166,3 +166,43 @@ def masked_language_model_loss(
     per_token = optax.softmax_cross_entropy_with_integer_labels(mlm_logits, target_ids)
     accuracy = ((jnp.argmax(mlm_logits, axis=-1) == target_ids) * weights).sum() / count
     return (per_token * weights).sum() / count, accuracy
+
+
+def contrastive_rows_loss(
+    queries: jax.Array, keys: jax.Array, logit_scale: jax.Array, first_positive: jax.Array | int
+) -> jax.Array:
+    """Sum over rows of the InfoNCE cross-entropy of `queries` [b, d] against `keys` [B, d].
+
+    Row r's positive is key `first_positive + r`. With b = B and offset 0 this is one direction
+    of `softmax_contrastive_loss` (times B); `parallel.py` calls it with a device's local rows
+    against the gathered global columns.
+    """
+    logits = logit_scale * queries @ keys.T
+    labels = first_positive + jnp.arange(queries.shape[0])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
+
+
+def sigmoid_block_loss(
+    image_embeddings: jax.Array,
+    text_embeddings: jax.Array,
+    logit_scale: jax.Array,
+    logit_bias: jax.Array,
+    diagonal_is_positive: bool,
+) -> jax.Array:
+    """Sum of SigLIP's pairwise losses -log sigmoid(z * (scale * sim + bias)) over a block.
+
+    z = +1 on the diagonal when the block pairs each image with its own text, -1 elsewhere.
+    """
+    logits = logit_scale * image_embeddings @ text_embeddings.T + logit_bias
+    labels = -jnp.ones_like(logits)
+    if diagonal_is_positive:
+        labels = labels + 2 * jnp.eye(logits.shape[0], logits.shape[1], dtype=logits.dtype)
+    return -jnp.sum(jax.nn.log_sigmoid(labels * logits))
+
+
+def sigmoid_loss(
+    image_embeddings: jax.Array, text_embeddings: jax.Array, logit_scale: jax.Array, logit_bias: jax.Array
+) -> jax.Array:
+    """SigLIP: independent binary decisions for every (image, text) pair, normalised per image."""
+    total = sigmoid_block_loss(image_embeddings, text_embeddings, logit_scale, logit_bias, True)
+    return total / image_embeddings.shape[0]
