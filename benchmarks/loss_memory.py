@@ -1,0 +1,65 @@
+"""Per-device temporary memory of loss + gradient for the cross-device losses, from XLA.
+
+  python benchmarks/loss_memory.py [--global_batch 4096] [--dim 512]
+
+Fakes 8 CPU devices, compiles value_and_grad of each sharded loss on 1, 2, 4 and 8 of them, and
+reads `temp_size_in_bytes` from the compiled program's memory analysis (the SPMD program is per
+device). Prints one JSON object per (loss, devices) and a Markdown table.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from vlretrieval import parallel  # noqa: E402
+
+
+def temporary_bytes(loss_fn, mesh, global_batch: int, dim: int, scalars: int) -> int:
+    sharding = parallel.batch_sharding(mesh)
+    replicated = parallel.replicated(mesh)
+    embeddings = jax.ShapeDtypeStruct((global_batch, dim), jnp.float32, sharding=sharding)
+    scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
+    arguments = (embeddings, embeddings) + (scalar,) * scalars
+    grad_fn = jax.jit(jax.value_and_grad(loss_fn, argnums=tuple(range(len(arguments)))))
+    compiled = grad_fn.lower(*arguments).compile()
+    return int(compiled.memory_analysis().temp_size_in_bytes)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--global_batch", type=int, default=4096)
+    parser.add_argument("--dim", type=int, default=512)
+    args = parser.parse_args()
+    variants = {
+        "softmax": (parallel.sharded_softmax_contrastive_loss, 1),
+        "sigmoid_ring": (parallel.sharded_sigmoid_loss, 2),
+    }
+    rows = []
+    for name, (make_loss, scalars) in variants.items():
+        for devices in (1, 2, 4, 8):
+            mesh = parallel.make_mesh(devices)
+            size = temporary_bytes(make_loss(mesh), mesh, args.global_batch, args.dim, scalars)
+            rows.append({"loss": name, "devices": devices, "global_batch": args.global_batch,
+                         "dim": args.dim, "temp_bytes_per_device": size})
+            print(json.dumps(rows[-1]), flush=True)
+    print("\n| loss | devices | temp MiB per device | vs 1 device |\n|---|---|---|---|")
+    for row in rows:
+        one = next(r for r in rows if r["loss"] == row["loss"] and r["devices"] == 1)
+        print(f"| {row['loss']} | {row['devices']} | {row['temp_bytes_per_device'] / 2**20:.1f} | "
+              f"{row['temp_bytes_per_device'] / one['temp_bytes_per_device']:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
