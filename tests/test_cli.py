@@ -82,3 +82,16 @@ def test_a_diverging_loss_stops_with_one_line_and_no_checkpoint_for_it(tmp_path)
     assert_one_line_error(result, "diverged", "learning_rate")
     # The only checkpoint a run of 6 steps would write is at step 6, after the NaN: none.
     assert not os.listdir(workdir / "checkpoints")
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [("--config.train.batch_size=30", "config.train.batch_size 30 is not divisible by the 8 devices"),
+     ("--config.train.num_devices=16", "config.train.num_devices is 16 but only 8 devices exist")],
+)
+def test_batch_and_mesh_that_do_not_fit_the_devices(tmp_path, override, fragment):
+    # conftest.py's XLA_FLAGS reach the subprocess: it sees 8 fake CPU devices.
+    result = run_cli("train", "--config", "configs/demo.py:tiny", "--workdir", str(tmp_path / "w"),
+                     "--data_dir", str(tmp_path / "data"), override)
+    assert_one_line_error(result, fragment)
+    assert not (tmp_path / "w").exists()

@@ -14,6 +14,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vlretrieval import losses
+from vlretrieval.errors import UserError
 
 DATA_AXIS = "data"
 
@@ -23,7 +24,9 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
     devices = jax.devices()
     if num_devices is not None:
         if num_devices > len(devices):
-            raise ValueError(f"asked for {num_devices} devices but only {len(devices)} exist")
+            raise UserError(
+                f"config.train.num_devices is {num_devices} but only {len(devices)} devices exist"
+            )
         devices = devices[:num_devices]
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
@@ -39,13 +42,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def check_batch_divisible(global_batch: int, mesh: Mesh, what: str = "batch size") -> None:
     if global_batch % mesh.size:
-        raise ValueError(f"{what} {global_batch} is not divisible by the {mesh.size} devices")
+        raise UserError(f"{what} {global_batch} is not divisible by the {mesh.size} devices")
 
 
 def local_batch_size(global_batch: int) -> int:
     """The part of a global batch that this host feeds."""
     if global_batch % jax.process_count():
-        raise ValueError(
+        raise UserError(
             f"global batch {global_batch} is not divisible by {jax.process_count()} hosts"
         )
     return global_batch // jax.process_count()
