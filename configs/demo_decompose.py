@@ -8,16 +8,15 @@ patches taken from another image of the batch, as extra contrastive columns.
 `--config configs/demo_decompose.py:no_negatives` is the same run without composed negatives.
 """
 
-import importlib.util
 import os
+
+from vlretrieval.config import load_config_file
 
 
 def _demo_config(arg):
+    """configs/demo.py's config (with the same argument), which this experiment modifies."""
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
-    spec = importlib.util.spec_from_file_location("vlretrieval_demo_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return load_config_file(f"{path}:{arg}" if arg else path)
 
 
 def get_config(arg=None):
