@@ -43,14 +43,19 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     args = parser.parse_args()
     variants = {
-        "softmax": (parallel.sharded_softmax_contrastive_loss, 1),
-        "sigmoid_ring": (parallel.sharded_sigmoid_loss, 2),
+        "softmax": (lambda losses: lambda i, t, s: losses.softmax_contrastive_loss(i, t, s)[0], 1),
+        "sigmoid": (lambda losses: losses.sigmoid_loss, 2),
+        # Hard-negative terms gather the global columns (O(b x B)); no target, shown for scale.
+        "reweighted_gathered": (
+            lambda losses: lambda i, t, s: losses.reweighted_contrastive_loss(i, t, s, 1.0), 1),
+        "hinge_gathered": (
+            lambda losses: lambda i, t, s: losses.hardest_negative_hinge_loss(i, t, s), 1),
     }
     rows = []
     for name, (make_loss, scalars) in variants.items():
         for devices in (1, 2, 4, 8):
             mesh = parallel.make_mesh(devices)
-            size = temporary_bytes(make_loss(mesh), mesh, args.global_batch, args.dim, scalars)
+            size = temporary_bytes(make_loss(parallel.CrossDeviceLosses(mesh)), mesh, args.global_batch, args.dim, scalars)
             rows.append({"loss": name, "devices": devices, "global_batch": args.global_batch,
                          "dim": args.dim, "temp_bytes_per_device": size})
             print(json.dumps(rows[-1]), flush=True)

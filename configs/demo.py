@@ -58,6 +58,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             image_pooling="cls",
             initial_temperature=0.07,
             max_logit_scale=100.0,
+            # A learnable bias added to the logits: needed by objectives.contrastive_loss=sigmoid
+            # (SigLIP initialises temperature 0.1 and bias -10).
+            logit_bias=False,
+            initial_logit_bias=-10.0,
         )
     )
 
@@ -67,6 +71,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.log_every = 25
     config.train.checkpoint_every = 250
     config.train.num_devices = 0  # 0: every device of every host
+    # Shard parameters and optimizer state over the devices (FSDP) instead of replicating them.
+    config.train.fsdp = False
+    # Micro-batches per step: embeddings of the whole batch are cached, then each micro-batch is
+    # recomputed with gradients against them, so the negatives are still the whole batch.
+    config.train.accumulation_steps = 1
     # Start a new run from another run's parameters: a workdir, or one of its checkpoints/<step>.
     config.train.init_from = ""
 
@@ -74,15 +83,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.objectives = ml_collections.ConfigDict(
         dict(
             contrastive=1.0,
+            contrastive_loss="softmax",  # or "sigmoid" (SigLIP; needs model.head.logit_bias)
             reweighted_contrastive=0.0,
             reweight_beta=1.0,
             hardest_negative_hinge=0.0,
             hinge_margin=0.2,
+            hinge_top_k=1,  # hinge against the k hardest negatives of the global batch (VSE++: 1)
             image_text_matching=0.0,
             itm_sampling_temperature=0.0,  # 0: the learned temperature; else a fixed one
             masked_language_model=0.0,
             mlm_probability=0.15,
-            # Composed bimodal hard negatives: one extra logit column per example.
+            # Composed bimodal hard negatives: every example's composed negative is an extra
+            # column for every row of the global batch (NegCLIP-style).
             composed_text_negatives=False,
             text_swap_fraction=0.3,
             composed_image_negatives=False,

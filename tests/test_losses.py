@@ -25,15 +25,31 @@ def _reference_infonce(logits):
     return -np.mean(np.diagonal(log_probs[:, : logits.shape[0]]))
 
 
-def test_extra_columns_are_each_rows_own_composed_negative():
+def test_every_composed_negative_is_a_column_for_every_row():
+    valid = jnp.array([1, 0, 1, 1, 0])
     loss, _ = losses.softmax_contrastive_loss(
-        IMAGES, TEXTS, SCALE, extra_text_negatives=NEG_TEXTS, extra_image_negatives=NEG_IMAGES
+        IMAGES, TEXTS, SCALE, extra_text_negatives=NEG_TEXTS, extra_image_negatives=NEG_IMAGES,
+        extra_text_valid=valid,
     )
     sim = np.asarray(IMAGES @ TEXTS.T) * SCALE
-    i2t = np.concatenate([sim, SCALE * np.sum(IMAGES * NEG_TEXTS, 1)[:, None]], axis=1)
-    t2i = np.concatenate([sim.T, SCALE * np.sum(TEXTS * NEG_IMAGES, 1)[:, None]], axis=1)
+    # Absent composed texts (valid 0) are no column at all.
+    i2t = np.concatenate([sim, SCALE * np.asarray(IMAGES @ NEG_TEXTS.T)[:, [0, 2, 3]]], axis=1)
+    t2i = np.concatenate([sim.T, SCALE * np.asarray(TEXTS @ NEG_IMAGES.T)], axis=1)
     expected = (_reference_infonce(i2t) + _reference_infonce(t2i)) / 2
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+
+
+def test_hinge_top_k_averages_the_k_largest_violations():
+    margin = 0.2
+    loss = losses.hardest_negative_hinge_loss(IMAGES, TEXTS, margin, top_k=2)
+    sim = np.asarray(IMAGES @ TEXTS.T, np.float64)
+    off = ~np.eye(5, dtype=bool)
+
+    def direction(s):
+        violations = np.where(off, np.maximum(margin + s - np.diagonal(s)[:, None], 0), 0)
+        return np.sort(violations, axis=1)[:, -2:].mean(axis=1).mean()
+
+    np.testing.assert_allclose(float(loss), (direction(sim) + direction(sim.T)) / 2, rtol=1e-5)
 
 
 def test_absent_composed_negatives_change_nothing():

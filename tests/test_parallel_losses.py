@@ -1,57 +1,91 @@
-"""Cross-device losses equal the single-device full-batch reference: loss and every gradient."""
+"""Cross-device tower losses equal the single-device full-batch reference: loss and every gradient.
+
+Every loss variant of `objectives` (softmax, sigmoid, each hard-negative term, composed negatives,
+their weighted sum) on 1, 2, 4 and 8 fake devices, differentiated with respect to the embeddings,
+the composed negatives' embeddings, the logit scale and the bias. `test_sharded_step.py` carries
+this through the model to every parameter.
+"""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs.demo import get_config
+from tests.helpers import assert_close_relative
 from vlretrieval import losses, parallel
+from vlretrieval.objectives import make_objective
 
 GLOBAL_BATCH, DIM = 32, 16
+WITH_COMPOSED = {"composed_text_negatives": True, "composed_image_negatives": True}
+VARIANTS = {
+    "softmax": {},
+    "softmax_composed": WITH_COMPOSED,
+    "sigmoid": {"contrastive_loss": "sigmoid"},
+    "reweighted": {"contrastive": 0.0, "reweighted_contrastive": 1.0, "reweight_beta": 2.0,
+                   **WITH_COMPOSED},
+    "hinge": {"contrastive": 0.0, "hardest_negative_hinge": 1.0, "hinge_top_k": 3, **WITH_COMPOSED},
+    "weighted_sum": {"reweighted_contrastive": 0.5, "hardest_negative_hinge": 0.25, **WITH_COMPOSED},
+    "weighted_sum_sigmoid": {"contrastive_loss": "sigmoid", "reweighted_contrastive": 0.5,
+                             "hardest_negative_hinge": 0.25},
+}
 
 
-def _embeddings(seed=0):
+def _unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _tower_outputs(variant, seed=0):
     rng = np.random.default_rng(seed)
-    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
-    images = unit(rng.normal(size=(GLOBAL_BATCH, DIM))).astype(np.float32)
-    texts = unit(images + 0.7 * rng.normal(size=(GLOBAL_BATCH, DIM))).astype(np.float32)
-    return jnp.asarray(images), jnp.asarray(texts)
+    images = _unit(rng.normal(size=(GLOBAL_BATCH, DIM)))
+    outputs = {
+        "image_embeddings": images,
+        "text_embeddings": _unit(images + 0.7 * rng.normal(size=(GLOBAL_BATCH, DIM))),
+        "logit_scale": np.float32(12.0),
+        "logit_bias": np.float32(-4.0),
+    }
+    if VARIANTS[variant].get("composed_text_negatives"):
+        outputs["extra_text_negatives"] = _unit(rng.normal(size=(GLOBAL_BATCH, DIM)))
+        outputs["extra_image_negatives"] = _unit(images + 0.5 * rng.normal(size=(GLOBAL_BATCH, DIM)))
+    batch = {"negative_valid": (rng.random(GLOBAL_BATCH) < 0.75).astype(np.int32)}
+    return jax.tree.map(jnp.asarray, outputs), jax.tree.map(jnp.asarray, batch)
 
 
-def _assert_close(sharded, reference):
-    for got, want in zip(jax.tree_util.tree_leaves(sharded), jax.tree_util.tree_leaves(reference)):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
-
-
-def _place(mesh, images, texts):
-    sharding = parallel.batch_sharding(mesh)
-    return jax.device_put(images, sharding), jax.device_put(texts, sharding)
-
-
-@pytest.mark.parametrize("devices", [1, 2, 4, 8])
-def test_sharded_softmax_matches_full_batch(devices):
-    images, texts = _embeddings()
-    scale = jnp.float32(12.0)
-    reference = jax.value_and_grad(
-        lambda i, t, s: losses.softmax_contrastive_loss(i, t, s)[0], argnums=(0, 1, 2)
-    )(images, texts, scale)
-    mesh = parallel.make_mesh(devices)
-    sharded_loss = parallel.sharded_softmax_contrastive_loss(mesh)
-    got = jax.jit(jax.value_and_grad(sharded_loss, argnums=(0, 1, 2)))(*_place(mesh, images, texts), scale)
-    _assert_close(got, reference)
-
-
-@pytest.mark.parametrize("devices", [1, 2, 4, 8])
-def test_sigmoid_ring_matches_full_batch(devices):
-    images, texts = _embeddings(1)
-    scale, bias = jnp.float32(10.0), jnp.float32(-5.0)
-    reference = jax.value_and_grad(losses.sigmoid_loss, argnums=(0, 1, 2, 3))(images, texts, scale, bias)
-    mesh = parallel.make_mesh(devices)
-    sharded_loss = parallel.sharded_sigmoid_loss(mesh)
-    got = jax.jit(jax.value_and_grad(sharded_loss, argnums=(0, 1, 2, 3)))(
-        *_place(mesh, images, texts), scale, bias
+def _tower_loss(variant, tower_losses):
+    config = get_config().objectives
+    config.update(VARIANTS[variant])
+    objective = make_objective(
+        None, config, patch_size=8, mask_id=None, vocab_size=0, tower_losses=tower_losses
     )
-    _assert_close(got, reference)
+    return lambda outputs, batch: objective.tower_loss(outputs, batch)[0]
+
+
+@pytest.mark.parametrize("devices", [1, 2, 4, 8])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_cross_device_tower_loss_equals_the_full_batch(variant, devices):
+    outputs, batch = _tower_outputs(variant)
+    reference = jax.jit(jax.value_and_grad(_tower_loss(variant, losses)))(outputs, batch)
+    mesh = parallel.make_mesh(devices)
+    per_example = lambda x: parallel.batch_sharding(mesh) if x.ndim else parallel.replicated(mesh)
+    sharded = jax.device_put((outputs, batch), jax.tree.map(per_example, (outputs, batch)))
+    got = jax.jit(jax.value_and_grad(_tower_loss(variant, parallel.CrossDeviceLosses(mesh))))(*sharded)
+    assert_close_relative(got, reference)
+    assert (float(reference[1]["logit_scale"]) != 0.0) == (variant != "hinge")  # hinge: cosines
+    assert (float(reference[1]["logit_bias"]) != 0.0) == ("sigmoid" in variant)
+
+
+def test_softmax_accuracy_metrics_match_across_devices():
+    outputs, batch = _tower_outputs("softmax_composed")
+    args = [outputs[name] for name in ("image_embeddings", "text_embeddings", "logit_scale",
+                                       "extra_text_negatives", "extra_image_negatives")]
+    _, reference = losses.softmax_contrastive_loss(*args, extra_text_valid=batch["negative_valid"])
+    mesh = parallel.make_mesh(8)
+    _, got = jax.jit(parallel.CrossDeviceLosses(mesh).softmax_contrastive_loss)(
+        *args, extra_text_valid=batch["negative_valid"]
+    )
+    for name in ("image_to_text_accuracy", "text_to_image_accuracy"):
+        assert 0.0 < float(reference[name]) < 1.0
+        assert float(got[name]) == pytest.approx(float(reference[name]))
 
 
 def test_sigmoid_loss_on_a_hand_made_case():
@@ -59,3 +93,16 @@ def test_sigmoid_loss_on_a_hand_made_case():
     loss = losses.sigmoid_loss(images, images, jnp.float32(1.0), jnp.float32(0.0))
     expected = -(2 * np.log(1 / (1 + np.exp(-1.0))) + 2 * np.log(1 / (1 + np.exp(0.0)))) / 2
     np.testing.assert_allclose(float(loss), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("diagonal", [True, False])
+def test_hand_written_block_gradients_equal_autodiff(diagonal):
+    rng = np.random.default_rng(3)
+    images, texts = jnp.asarray(_unit(rng.normal(size=(6, 4)))), jnp.asarray(_unit(rng.normal(size=(6, 4))))
+    scale, bias, coefficient = jnp.float32(7.0), jnp.float32(-2.0), jnp.float32(0.3)
+    autodiff = jax.grad(
+        lambda i, t, s, b: coefficient * losses.sigmoid_block_loss(i, t, s, b, diagonal),
+        argnums=(0, 1, 2, 3),
+    )(images, texts, scale, bias)
+    by_hand = losses.sigmoid_block_backward(images, texts, scale, bias, coefficient, diagonal)
+    assert_close_relative(by_hand, autodiff)

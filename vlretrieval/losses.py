@@ -1,9 +1,9 @@
 """Retrieval losses as pure functions of embeddings and logits: no collectives, no mesh axes.
 
 `parallel.py` wraps these for cross-device use; here every function sees whole arrays. Rows are
-images, columns texts; row i's positive is column i. Composed hard negatives (one per example,
-see `negatives.py`) enter as one extra column per row: `extra_text_negatives[i]` is a negative
-for image i, `extra_image_negatives[j]` one for text j.
+queries (images), columns keys (texts); row r's positive is column `first_positive + r`, which is
+how a device scores its local rows against the gathered global columns. Composed hard negatives
+(one per example, see `negatives.py`) are extra columns for every row.
 """
 
 from __future__ import annotations
@@ -25,36 +25,95 @@ def similarity_logits(
 ABSENT_NEGATIVE = -1e4
 
 
-def _with_extra_column(logits, queries, extra, scale, valid=None):
-    """Appends each row's own composed negative as one more column (absent where not `valid`)."""
-    if extra is None:
-        return logits
-    column = scale * jnp.sum(queries * extra, axis=-1)
-    if valid is not None:
-        column = jnp.where(valid.astype(bool), column, ABSENT_NEGATIVE)
-    return jnp.concatenate([logits, column[:, None]], axis=1)
-
-
-def directional_logits(
-    image_embeddings: jax.Array,
-    text_embeddings: jax.Array,
-    logit_scale: jax.Array,
-    extra_text_negatives: jax.Array | None = None,
-    extra_image_negatives: jax.Array | None = None,
-    extra_text_valid: jax.Array | None = None,
+def row_logits(
+    queries: jax.Array,
+    keys: jax.Array,
+    logit_scale: jax.Array | float,
+    first_positive: jax.Array | int,
+    extra_keys: jax.Array | None = None,
+    extra_valid: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """(image->text [B, B(+1)], text->image [B, B(+1)]) logits; positives on the diagonal."""
-    logits = similarity_logits(image_embeddings, text_embeddings, logit_scale)
-    image_to_text = _with_extra_column(
-        logits, image_embeddings, extra_text_negatives, logit_scale, extra_text_valid
+    """Logits of b query rows against B keys (+ B composed negatives), and the negatives' mask.
+
+    Row r's positive is key `first_positive + r`. Every composed negative is a column for every
+    row (NegCLIP-style); those not `extra_valid` get ABSENT_NEGATIVE and are not negatives.
+    Returns ([b, B(+B)] logits, bool [b, B(+B)]: True where the column is a negative of the row).
+    """
+    logits = logit_scale * queries @ keys.T
+    columns = jnp.arange(keys.shape[0])[None, :]
+    negative = columns != first_positive + jnp.arange(queries.shape[0])[:, None]
+    if extra_keys is None:
+        return logits, negative
+    extra = logit_scale * queries @ extra_keys.T
+    valid = jnp.ones(extra_keys.shape[0], bool) if extra_valid is None else extra_valid.astype(bool)
+    extra = jnp.where(valid[None, :], extra, ABSENT_NEGATIVE)
+    extra_negative = jnp.broadcast_to(valid[None, :], extra.shape)
+    return jnp.concatenate([logits, extra], axis=1), jnp.concatenate([negative, extra_negative], 1)
+
+
+def _positive_logits(logits: jax.Array, first_positive: jax.Array | int) -> jax.Array:
+    rows = jnp.arange(logits.shape[0])
+    return logits[rows, first_positive + rows]
+
+
+def contrastive_rows_loss(queries, keys, logit_scale, first_positive, extra_keys=None, extra_valid=None):
+    """Sum over the b rows of InfoNCE's cross-entropy against every key (and composed negative)."""
+    logits, _ = row_logits(queries, keys, logit_scale, first_positive, extra_keys, extra_valid)
+    return jnp.sum(jax.nn.logsumexp(logits, axis=1) - _positive_logits(logits, first_positive))
+
+
+def correct_rows(queries, keys, logit_scale, first_positive, extra_keys=None, extra_valid=None):
+    """How many rows score their positive strictly above every negative (top-1 accuracy count)."""
+    logits, negative = row_logits(queries, keys, logit_scale, first_positive, extra_keys, extra_valid)
+    best_negative = jnp.where(negative, logits, -jnp.inf).max(axis=1)
+    return jnp.sum(_positive_logits(logits, first_positive) > best_negative)
+
+
+def reweighted_rows_loss(
+    queries, keys, logit_scale, beta, first_positive, extra_keys=None, extra_valid=None
+):
+    """Sum over rows of InfoNCE with negatives importance-weighted by exp(beta * similarity).
+
+    Robinson et al.'s hard-negative sampling: each row's negative weights are normalised to
+    average 1 over its negatives, so beta = 0 is plain InfoNCE and a larger beta concentrates the
+    loss on the hardest negatives. The weights are a sampling distribution: no gradient.
+    """
+    logits, negative = row_logits(queries, keys, logit_scale, first_positive, extra_keys, extra_valid)
+    log_weights = jax.nn.log_softmax(jnp.where(negative, beta * logits / logit_scale, -jnp.inf), axis=1)
+    log_weights += jnp.log(negative.sum(axis=1, keepdims=True))
+    reweighted = jnp.where(negative, logits + jax.lax.stop_gradient(log_weights), logits)
+    return jnp.sum(jax.nn.logsumexp(reweighted, axis=1) - _positive_logits(logits, first_positive))
+
+
+def hinge_rows_loss(
+    queries, keys, margin, first_positive, top_k=1, extra_keys=None, extra_valid=None
+):
+    """Sum over rows of the mean hinge against the row's `top_k` hardest negatives.
+
+    top_k = 1 is VSE++'s max-violation triplet loss: max(0, margin + s(negative) - s(positive)).
+    """
+    similarity, negative = row_logits(queries, keys, 1.0, first_positive, extra_keys, extra_valid)
+    positive = _positive_logits(similarity, first_positive)[:, None]
+    violation = jnp.where(negative, jnp.maximum(margin + similarity - positive, 0.0), 0.0)
+    hardest, _ = jax.lax.top_k(violation, top_k)
+    return jnp.sum(hardest.mean(axis=1))
+
+
+def _both_directions(rows_loss, images, texts, extra_text_negatives, extra_image_negatives,
+                     extra_text_valid, *args, **kwargs):
+    """Mean over the batch of image->text and text->image `rows_loss`, averaged."""
+    image_to_text = rows_loss(
+        images, texts, *args, first_positive=0, extra_keys=extra_text_negatives,
+        extra_valid=extra_text_valid, **kwargs,
     )
-    text_to_image = _with_extra_column(logits.T, text_embeddings, extra_image_negatives, logit_scale)
-    return image_to_text, text_to_image
+    text_to_image = rows_loss(
+        texts, images, *args, first_positive=0, extra_keys=extra_image_negatives, **kwargs
+    )
+    return (image_to_text + text_to_image) / (2 * images.shape[0])
 
 
-def _cross_entropy_diagonal(logits: jax.Array) -> jax.Array:
-    labels = jnp.arange(logits.shape[0])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+# The full-batch losses: every device's embeddings in one array. `parallel.CrossDeviceLosses` has
+# the same methods over a batch sharded across devices, and must give the same values and gradients.
 
 
 def softmax_contrastive_loss(
@@ -65,90 +124,51 @@ def softmax_contrastive_loss(
     extra_image_negatives: jax.Array | None = None,
     extra_text_valid: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Symmetric InfoNCE (CLIP): the mean of image->text and text->image cross-entropies."""
-    image_to_text, text_to_image = directional_logits(
-        image_embeddings,
-        text_embeddings,
-        logit_scale,
-        extra_text_negatives,
-        extra_image_negatives,
-        extra_text_valid,
-    )
-    loss = (_cross_entropy_diagonal(image_to_text) + _cross_entropy_diagonal(text_to_image)) / 2
-    labels = jnp.arange(image_to_text.shape[0])
+    """Symmetric InfoNCE (CLIP): the mean of image->text and text->image cross-entropies.
+
+    The same function serves text-text pairs (MURAL's translation task): pass the two sides.
+    """
+    extras = (extra_text_negatives, extra_image_negatives, extra_text_valid)
+    loss = _both_directions(contrastive_rows_loss, image_embeddings, text_embeddings, *extras,
+                            logit_scale)
+    batch = image_embeddings.shape[0]
     metrics = {
-        "image_to_text_accuracy": (jnp.argmax(image_to_text, axis=1) == labels).mean(),
-        "text_to_image_accuracy": (jnp.argmax(text_to_image, axis=1) == labels).mean(),
-        "logit_scale": logit_scale,
+        "image_to_text_accuracy": correct_rows(
+            image_embeddings, text_embeddings, logit_scale, 0, extra_text_negatives, extra_text_valid
+        ) / batch,
+        "text_to_image_accuracy": correct_rows(
+            text_embeddings, image_embeddings, logit_scale, 0, extra_image_negatives
+        ) / batch,
     }
     return loss, metrics
 
 
-def _off_diagonal(logits: jax.Array) -> jax.Array:
-    """True where a column is a negative for the row (everything but the diagonal)."""
-    rows, columns = logits.shape
-    return jnp.arange(columns)[None, :] != jnp.arange(rows)[:, None]
-
-
 def reweighted_contrastive_loss(
-    image_embeddings: jax.Array,
-    text_embeddings: jax.Array,
-    logit_scale: jax.Array,
-    beta: float,
-    extra_text_negatives: jax.Array | None = None,
-    extra_image_negatives: jax.Array | None = None,
-    extra_text_valid: jax.Array | None = None,
+    image_embeddings, text_embeddings, logit_scale, beta: float,
+    extra_text_negatives=None, extra_image_negatives=None, extra_text_valid=None,
 ) -> jax.Array:
-    """InfoNCE whose negatives are importance-weighted by exp(beta * similarity) (Robinson et al.).
-
-    Each row's negative weights are normalised to average 1, so beta = 0 is plain InfoNCE and a
-    larger beta concentrates the loss on the hardest negatives. The weights are treated as a
-    sampling distribution (no gradient flows through them).
-    """
-
-    def one_direction(logits):
-        negative = _off_diagonal(logits)
-        similarity = logits / logit_scale
-        log_weights = jax.nn.log_softmax(jnp.where(negative, beta * similarity, -jnp.inf), axis=1)
-        log_weights = jax.lax.stop_gradient(log_weights + jnp.log(negative.sum(axis=1, keepdims=True)))
-        reweighted = jnp.where(negative, logits + log_weights, logits)
-        return _cross_entropy_diagonal(reweighted)
-
-    image_to_text, text_to_image = directional_logits(
-        image_embeddings,
-        text_embeddings,
-        logit_scale,
-        extra_text_negatives,
-        extra_image_negatives,
-        extra_text_valid,
-    )
-    return (one_direction(image_to_text) + one_direction(text_to_image)) / 2
+    """InfoNCE with hard negatives up-weighted by `beta` (see `reweighted_rows_loss`)."""
+    extras = (extra_text_negatives, extra_image_negatives, extra_text_valid)
+    return _both_directions(reweighted_rows_loss, image_embeddings, text_embeddings, *extras,
+                            logit_scale, beta)
 
 
 def hardest_negative_hinge_loss(
-    image_embeddings: jax.Array,
-    text_embeddings: jax.Array,
-    margin: float,
-    extra_text_negatives: jax.Array | None = None,
-    extra_image_negatives: jax.Array | None = None,
-    extra_text_valid: jax.Array | None = None,
+    image_embeddings, text_embeddings, margin: float,
+    extra_text_negatives=None, extra_image_negatives=None, extra_text_valid=None, top_k: int = 1,
 ) -> jax.Array:
-    """VSE++ max-violation triplet loss: a hinge against each row's single hardest negative."""
+    """VSE++ hinge against each row's `top_k` hardest negatives of the whole batch."""
+    extras = (extra_text_negatives, extra_image_negatives, extra_text_valid)
+    return _both_directions(hinge_rows_loss, image_embeddings, text_embeddings, *extras,
+                            margin, top_k=top_k)
 
-    def one_direction(similarity):
-        positive = jnp.diagonal(similarity)[:, None]
-        violation = jnp.where(_off_diagonal(similarity), margin + similarity - positive, 0.0)
-        return jnp.maximum(violation, 0.0).max(axis=1).mean()
 
-    image_to_text, text_to_image = directional_logits(
-        image_embeddings,
-        text_embeddings,
-        1.0,
-        extra_text_negatives,
-        extra_image_negatives,
-        extra_text_valid,
-    )
-    return (one_direction(image_to_text) + one_direction(text_to_image)) / 2
+def sigmoid_loss(
+    image_embeddings: jax.Array, text_embeddings: jax.Array, logit_scale: jax.Array, logit_bias: jax.Array
+) -> jax.Array:
+    """SigLIP: independent binary decisions for every (image, text) pair, normalised per image."""
+    total = sigmoid_block_loss(image_embeddings, text_embeddings, logit_scale, logit_bias, True)
+    return total / image_embeddings.shape[0]
 
 
 def matching_loss(itm_logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -168,18 +188,42 @@ def masked_language_model_loss(
     return (per_token * weights).sum() / count, accuracy
 
 
-def contrastive_rows_loss(
-    queries: jax.Array, keys: jax.Array, logit_scale: jax.Array, first_positive: jax.Array | int
-) -> jax.Array:
-    """Sum over rows of the InfoNCE cross-entropy of `queries` [b, d] against `keys` [B, d].
+# Block math for the rings in `parallel.py`: a device's b query rows against one b-row block of
+# keys at a time, with hand-written gradients so that no block outlives its ring step. Key sets are
+# tuples of (keys [b, d], valid [b] float 0/1); set 0 holds the positives (the home block diagonal).
 
-    Row r's positive is key `first_positive + r`. With b = B and offset 0 this is one direction
-    of `softmax_contrastive_loss` (times B); `parallel.py` calls it with a device's local rows
-    against the gathered global columns.
+
+def _block_logits(queries, keys, valid, logit_scale):
+    similarity = queries @ keys.T
+    return similarity, jnp.where(valid[None, :] > 0, logit_scale * similarity, ABSENT_NEGATIVE)
+
+
+def softmax_block_forward(queries, key_sets, logit_scale, home: bool):
+    """(logsumexp [b], best negative logit [b]) of the rows over one block of every key set."""
+    partial_sums, best = [], jnp.full(queries.shape[0], -jnp.inf, queries.dtype)
+    for index, (keys, valid) in enumerate(key_sets):
+        _, logits = _block_logits(queries, keys, valid, logit_scale)
+        partial_sums.append(jax.nn.logsumexp(logits, axis=1))
+        negatives = jnp.where(valid[None, :] > 0, logits, -jnp.inf)
+        if home and index == 0:  # the diagonal is each row's positive
+            negatives = jnp.where(jnp.eye(*logits.shape, dtype=bool), -jnp.inf, negatives)
+        best = jnp.maximum(best, negatives.max(axis=1))
+    return jax.nn.logsumexp(jnp.stack(partial_sums), axis=0), best
+
+
+def softmax_block_backward(queries, key_sets, logit_scale, logsumexp, coefficient):
+    """Gradients of coefficient * sum(logsumexp) through one block: (d queries, d key sets, d scale).
+
+    d logsumexp / d logit is the softmax probability exp(logit - logsumexp).
     """
-    logits = logit_scale * queries @ keys.T
-    labels = first_positive + jnp.arange(queries.shape[0])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
+    query_grad, scale_grad, key_grads = jnp.zeros_like(queries), 0.0, []
+    for keys, valid in key_sets:
+        similarity, logits = _block_logits(queries, keys, valid, logit_scale)
+        logit_grad = coefficient * jnp.exp(logits - logsumexp[:, None]) * (valid[None, :] > 0)
+        query_grad += logit_scale * logit_grad @ keys
+        key_grads.append((logit_scale * logit_grad.T @ queries, jnp.zeros_like(valid)))
+        scale_grad += jnp.sum(logit_grad * similarity)
+    return query_grad, tuple(key_grads), scale_grad
 
 
 def sigmoid_block_loss(
@@ -194,15 +238,30 @@ def sigmoid_block_loss(
     z = +1 on the diagonal when the block pairs each image with its own text, -1 elsewhere.
     """
     logits = logit_scale * image_embeddings @ text_embeddings.T + logit_bias
+    return -jnp.sum(jax.nn.log_sigmoid(_sigmoid_labels(logits, diagonal_is_positive) * logits))
+
+
+def _sigmoid_labels(logits, diagonal_is_positive: bool):
     labels = -jnp.ones_like(logits)
     if diagonal_is_positive:
-        labels = labels + 2 * jnp.eye(logits.shape[0], logits.shape[1], dtype=logits.dtype)
-    return -jnp.sum(jax.nn.log_sigmoid(labels * logits))
+        labels = labels + 2 * jnp.eye(*logits.shape, dtype=logits.dtype)
+    return labels
 
 
-def sigmoid_loss(
-    image_embeddings: jax.Array, text_embeddings: jax.Array, logit_scale: jax.Array, logit_bias: jax.Array
-) -> jax.Array:
-    """SigLIP: independent binary decisions for every (image, text) pair, normalised per image."""
-    total = sigmoid_block_loss(image_embeddings, text_embeddings, logit_scale, logit_bias, True)
-    return total / image_embeddings.shape[0]
+def sigmoid_block_backward(images, texts, logit_scale, logit_bias, coefficient, diagonal_is_positive):
+    """Gradients of coefficient * sigmoid_block_loss: (d images, d texts, d scale, d bias).
+
+    d/dx of -log sigmoid(z x) is -z sigmoid(-z x); off the diagonal z = -1, so it is sigmoid(x).
+    Written for few [b, b] temporaries: the similarities and one gradient block (with the scale
+    folded in); the scalar gradients are contractions, not elementwise products.
+    """
+    similarity = images @ texts.T
+    logits = logit_scale * similarity + logit_bias
+    if diagonal_is_positive:
+        labels = _sigmoid_labels(logits, True)
+        scaled_grad = -(coefficient * logit_scale) * labels * jax.nn.sigmoid(-labels * logits)
+    else:
+        scaled_grad = (coefficient * logit_scale) * jax.nn.sigmoid(logits)
+    scale_grad = jnp.einsum("ij,ij->", scaled_grad, similarity) / logit_scale
+    bias_grad = jnp.sum(scaled_grad) / logit_scale
+    return scaled_grad @ texts, scaled_grad.T @ images, scale_grad, bias_grad

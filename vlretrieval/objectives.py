@@ -1,27 +1,35 @@
 """Training objectives composed from config: one loss function for every kind of run.
 
 Terms (each with its weight in `config.objectives`; 0 switches it off):
-- `contrastive`: symmetric InfoNCE on the towers' embeddings;
+- `contrastive`: symmetric InfoNCE on the towers' embeddings (`contrastive_loss=softmax`), or
+  SigLIP's pairwise sigmoid loss with the model's learnable bias (`contrastive_loss=sigmoid`);
 - `reweighted_contrastive`: InfoNCE with hard negatives up-weighted by `reweight_beta`;
-- `hardest_negative_hinge`: VSE++ hinge against the hardest negative, `hinge_margin`;
+- `hardest_negative_hinge`: VSE++ hinge against the `hinge_top_k` hardest negatives, `hinge_margin`;
 - `image_text_matching`: the joint model's ITM head on positives and on negatives drawn from the
   batch in proportion to their contrastive similarity (ALBEF/VinVL-style hard negatives);
 - `masked_language_model`: BERT-style MLM on the text, with the image as context.
-Composed bimodal negatives (`composed_text_negatives`, `composed_image_negatives`) add one extra
-column per row to every tower term.
+Composed bimodal negatives (`composed_text_negatives`, `composed_image_negatives`) are extra
+columns of every softmax/hinge tower term.
+
+The tower terms take `tower_losses`: the `losses` module (the whole batch in one array) or a
+`parallel.CrossDeviceLosses` (the batch sharded over devices, negatives gathered from all of them);
+both have the same functions and give the same numbers.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from vlretrieval import losses, negatives
+from vlretrieval.errors import UserError
 
 TOWER_TERMS = ("contrastive", "reweighted_contrastive", "hardest_negative_hinge")
+CONTRASTIVE_LOSSES = ("softmax", "sigmoid")
 JOINT_TERMS = ("image_text_matching", "masked_language_model")
 
 
@@ -55,11 +63,27 @@ def check_objectives(
     config: ml_collections.ConfigDict, model, mask_id: int | None, has_content_words: bool
 ) -> None:
     """Fail early on combinations that cannot run (a joint term on a model with no joint pass)."""
-    from vlretrieval.errors import UserError
-
     weights = {term: config[term] for term in TOWER_TERMS + JOINT_TERMS}
     if not any(weight > 0 for weight in weights.values()):
         raise UserError("every config.objectives weight is 0: nothing to train")
+    if config.contrastive_loss not in CONTRASTIVE_LOSSES:
+        raise UserError(
+            f"config.objectives.contrastive_loss is {config.contrastive_loss!r}; choose one of "
+            f"{CONTRASTIVE_LOSSES}"
+        )
+    if config.contrastive > 0 and config.contrastive_loss == "sigmoid":
+        if not model.head.logit_bias:
+            raise UserError(
+                "config.objectives.contrastive_loss=sigmoid needs a learnable logit bias: set "
+                "config.model.head.logit_bias=true"
+            )
+        if config.composed_text_negatives or config.composed_image_negatives:
+            raise UserError(
+                "composed negatives are extra softmax columns; with contrastive_loss=sigmoid use "
+                "them with the reweighted_contrastive or hardest_negative_hinge terms only"
+            )
+    if config.hinge_top_k < 1:
+        raise UserError(f"config.objectives.hinge_top_k must be at least 1, not {config.hinge_top_k}")
     if any(config[term] > 0 for term in JOINT_TERMS) and not hasattr(model, "joint_forward"):
         raise UserError(
             "config.objectives.image_text_matching / masked_language_model need the joint model "
@@ -74,68 +98,118 @@ def check_objectives(
         )
 
 
-def make_loss_fn(
-    model, config: ml_collections.ConfigDict, *, patch_size: int, mask_id: int | None, vocab_size: int
-):
-    """`loss_fn(params, batch, rng) -> (loss, metrics)` for the objectives in `config`."""
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """The config's objectives, in the pieces that gradient accumulation needs separately.
+
+    - `tower_outputs(params, batch, rng)`: the towers' differentiable outputs for a batch
+      (embeddings, composed negatives' embeddings, logit scale and bias);
+    - `tower_loss(outputs, batch)`: the weighted tower terms on those outputs -> (loss, metrics);
+    - `loss(params, batch, rng)`: the whole objective, joint terms included -> (loss, metrics).
+    """
+
+    tower_outputs: Callable
+    tower_loss: Callable
+    loss: Callable
+    uses_joint_terms: bool
+
+
+def _applier(model, params, dropout_rng):
+    def apply(*args, method):
+        return model.apply(
+            {"params": params}, *args, train=True, rngs={"dropout": dropout_rng}, method=method
+        )
+
+    return apply
+
+
+def make_objective(
+    model,
+    config: ml_collections.ConfigDict,
+    *,
+    patch_size: int,
+    mask_id: int | None,
+    vocab_size: int,
+    tower_losses=losses,
+) -> Objective:
+    """The objectives in `config` for `model`; `tower_losses` decides how the batch is laid out."""
     use_tower_terms = any(config[term] > 0 for term in TOWER_TERMS)
 
-    def loss_fn(params, batch: dict[str, jax.Array], rng: jax.Array):
-        dropout_rng, mix_rng, itm_rng, mlm_rng = jax.random.split(rng, 4)
-
-        def apply(*args, method):
-            return model.apply(
-                {"params": params}, *args, train=True, rngs={"dropout": dropout_rng}, method=method
+    def tower_outputs(params, batch, rng):
+        dropout_rng, mix_rng = jax.random.split(rng)
+        apply = _applier(model, params, dropout_rng)
+        outputs = dict(
+            apply(batch["images"], batch["token_ids"], batch["text_mask"], method=model.__call__)
+        )
+        if use_tower_terms and config.composed_image_negatives:
+            # Patches from the next image of the same (micro-)batch replace a fraction of each
+            # image's patches: an image that matches its caption only in part.
+            mixed, _ = negatives.mix_patches(batch["images"], mix_rng, patch_size, config.image_mix_fraction)
+            outputs["extra_image_negatives"] = apply(mixed, method=model.encode_image)
+        if use_tower_terms and config.composed_text_negatives:
+            outputs["extra_text_negatives"] = apply(
+                batch["negative_token_ids"], batch["negative_text_mask"], method=model.encode_text
             )
+        return outputs
 
-        images, token_ids, text_mask = batch["images"], batch["token_ids"], batch["text_mask"]
-        outputs = apply(images, token_ids, text_mask, method=model.__call__)
-        image_embeddings = outputs["image_embeddings"]
-        text_embeddings = outputs["text_embeddings"]
+    def tower_loss(outputs, batch):
+        embeddings = (outputs["image_embeddings"], outputs["text_embeddings"])
         logit_scale = outputs["logit_scale"]
-        metrics: dict[str, Any] = {}
+        extras = {
+            name: outputs[name]
+            for name in ("extra_text_negatives", "extra_image_negatives")
+            if name in outputs
+        }
+        if "extra_text_negatives" in extras:
+            extras["extra_text_valid"] = batch["negative_valid"]
+        metrics: dict[str, Any] = {"logit_scale": logit_scale}
+        if "logit_bias" in outputs:
+            metrics["logit_bias"] = outputs["logit_bias"]
         total = 0.0
-
-        if use_tower_terms:
-            extras: dict[str, jax.Array] = {}
-            if config.composed_image_negatives:
-                mixed, _ = negatives.mix_patches(images, mix_rng, patch_size, config.image_mix_fraction)
-                extras["extra_image_negatives"] = apply(mixed, method=model.encode_image)
-            if config.composed_text_negatives:
-                extras["extra_text_negatives"] = apply(
-                    batch["negative_token_ids"], batch["negative_text_mask"], method=model.encode_text
-                )
-                extras["extra_text_valid"] = batch["negative_valid"]
-            embeddings = (image_embeddings, text_embeddings)
-            if config.contrastive > 0:
-                term, contrastive_metrics = losses.softmax_contrastive_loss(
+        if config.contrastive > 0:
+            if config.contrastive_loss == "sigmoid":
+                term = tower_losses.sigmoid_loss(*embeddings, logit_scale, outputs["logit_bias"])
+            else:
+                term, accuracies = tower_losses.softmax_contrastive_loss(
                     *embeddings, logit_scale, **extras
                 )
-                metrics.update(contrastive_metrics, contrastive_loss=term)
-                total += config.contrastive * term
-            if config.reweighted_contrastive > 0:
-                term = losses.reweighted_contrastive_loss(
-                    *embeddings, logit_scale, config.reweight_beta, **extras
-                )
-                metrics["reweighted_contrastive_loss"] = term
-                total += config.reweighted_contrastive * term
-            if config.hardest_negative_hinge > 0:
-                term = losses.hardest_negative_hinge_loss(*embeddings, config.hinge_margin, **extras)
-                metrics["hardest_negative_hinge_loss"] = term
-                total += config.hardest_negative_hinge * term
-        metrics["logit_scale"] = logit_scale
+                metrics.update(accuracies)
+            metrics["contrastive_loss"] = term
+            total += config.contrastive * term
+        if config.reweighted_contrastive > 0:
+            term = tower_losses.reweighted_contrastive_loss(
+                *embeddings, logit_scale, config.reweight_beta, **extras
+            )
+            metrics["reweighted_contrastive_loss"] = term
+            total += config.reweighted_contrastive * term
+        if config.hardest_negative_hinge > 0:
+            term = tower_losses.hardest_negative_hinge_loss(
+                *embeddings, config.hinge_margin, top_k=config.hinge_top_k, **extras
+            )
+            metrics["hardest_negative_hinge_loss"] = term
+            total += config.hardest_negative_hinge * term
+        return total, metrics
+
+    def loss(params, batch: dict[str, jax.Array], rng: jax.Array):
+        tower_rng, itm_rng, mlm_rng = jax.random.split(rng, 3)
+        outputs = tower_outputs(params, batch, tower_rng)
+        total, metrics = tower_loss(outputs, batch) if use_tower_terms else (0.0, {})
+        metrics["logit_scale"] = outputs["logit_scale"]
+        apply = _applier(model, params, jax.random.fold_in(tower_rng, 1))
+        images, token_ids, text_mask = batch["images"], batch["token_ids"], batch["text_mask"]
 
         if config.image_text_matching > 0:
             # Negatives drawn in proportion to softmax(similarity / T): the pairs the towers
             # confuse. T = 0 uses the towers' own learned temperature (ALBEF), which from scratch
             # gives only near-duplicates, too hard for an ITM head that has learned nothing yet.
+            logit_scale = outputs["logit_scale"]
             scale = (
                 logit_scale
                 if config.itm_sampling_temperature == 0
                 else 1.0 / config.itm_sampling_temperature
             )
             similarity = jax.lax.stop_gradient(
-                losses.similarity_logits(image_embeddings, text_embeddings, scale)
+                losses.similarity_logits(outputs["image_embeddings"], outputs["text_embeddings"], scale)
             )
             text_rng, image_rng = jax.random.split(itm_rng)
             negative_text = negatives.sample_by_similarity(text_rng, similarity)  # per image
@@ -165,4 +239,5 @@ def make_loss_fn(
         metrics["loss"] = total
         return total, metrics
 
-    return loss_fn
+    uses_joint_terms = any(config[term] > 0 for term in JOINT_TERMS)
+    return Objective(tower_outputs, tower_loss, loss, uses_joint_terms)

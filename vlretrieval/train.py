@@ -19,6 +19,7 @@ import optax
 from tqdm import tqdm
 
 from vlretrieval import objectives, parallel
+from vlretrieval.accumulate import accumulated_value_and_grad
 from vlretrieval.checkpoint import Checkpointer, has_checkpoint, load_params
 from vlretrieval.data import datasets, pipeline
 from vlretrieval.errors import UserError
@@ -72,17 +73,27 @@ def create_train_state(model, tx, seed: int) -> TrainState:
     )
 
 
-def make_train_step(model, tx, schedule, loss_fn):
+def make_train_step(objective, tx, schedule, *, accumulation_steps: int = 1, mesh=None):
     """A pure `(state, batch) -> (state, metrics)` step; `jit` shards it over the mesh.
 
-    `loss_fn(params, batch, rng) -> (loss, metrics)` comes from `objectives.make_loss_fn`.
+    `objective` comes from `objectives.make_objective`. With `accumulation_steps` > 1 the batch
+    is processed in that many micro-batches with cached embeddings (`accumulate.py`): the same
+    loss and gradients as the whole batch at a fraction of the activation memory.
     """
+
+    def gradients(params, batch, rng):
+        if accumulation_steps == 1:
+            return jax.value_and_grad(objective.loss, has_aux=True)(params, batch, rng)
+        tower_rng = jax.random.split(rng, 3)[0]  # as `objective.loss` derives it
+        return accumulated_value_and_grad(
+            objective, params, batch, tower_rng, accumulation_steps,
+            split=lambda tree: parallel.split_microbatches(tree, accumulation_steps, mesh),
+            merge=lambda tree: parallel.merge_microbatches(tree, mesh),
+        )
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         step_rng = jax.random.fold_in(state.rng, state.step)
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, batch, step_rng
-        )
+        (_, metrics), grads = gradients(state.params, batch, step_rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, gradient_norm=optax.tree.norm(grads), learning_rate=schedule(state.step))
@@ -91,18 +102,27 @@ def make_train_step(model, tx, schedule, loss_fn):
     return train_step
 
 
-def loss_fn_for(model, config: ml_collections.ConfigDict, data):
-    """The config's objectives as one loss function, checked against the model and data."""
+def objective_for(model, config: ml_collections.ConfigDict, data, mesh):
+    """The config's objectives over the mesh, checked against the model, data and batch layout."""
     objectives.check_objectives(
         config.objectives, model, data.tokenizer.mask_id, data.content_words is not None
     )
-    return objectives.make_loss_fn(
+    objective = objectives.make_objective(
         model,
         config.objectives,
         patch_size=config.model.patch_size,
         mask_id=data.tokenizer.mask_id,
         vocab_size=data.tokenizer.vocab_size,
+        tower_losses=parallel.CrossDeviceLosses(mesh),
     )
+    if config.train.accumulation_steps != 1:
+        parallel.check_accumulation(config.train.batch_size, mesh, config.train.accumulation_steps)
+        if objective.uses_joint_terms:
+            raise UserError(
+                "config.train.accumulation_steps > 1 supports the tower objectives only "
+                "(image_text_matching and masked_language_model need the whole batch's encoders)"
+            )
+    return objective
 
 
 def check_workdir_writable(workdir: str) -> None:
@@ -149,7 +169,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     model = build_model(config.model, data.tokenizer.vocab_size)
     tx, schedule = make_optimizer(config.optimizer, config.train.num_steps)
     state = create_train_state(model, tx, config.seed)
-    loss_fn = loss_fn_for(model, config, data)
+    objective = objective_for(model, config, data, mesh)
     if config.train.init_from and not has_checkpoint(workdir):
         # A new run starting from another run's weights (e.g. the towers from a pre-trained joint
         # model): parameters only; the optimizer, step and data order start afresh. A resumed run
@@ -163,16 +183,22 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     if start_step:
         state = checkpointer.restore(state)
         print(f"resuming from the checkpoint at step {start_step} in {checkpointer.directory}")
-    state = parallel.replicate(state, mesh)
+    state_shardings = parallel.state_shardings(state, mesh, config.train.fsdp)
+    state = jax.device_put(state, state_shardings)
     print(
-        f"model: {config.model.kind}, {parameter_count(state.params) / 1e6:.2f}M parameters; "
-        f"{mesh.size} device(s), global batch {global_batch_size}"
+        f"model: {config.model.kind}, {parameter_count(state.params) / 1e6:.2f}M parameters"
+        f"{' (FSDP)' if config.train.fsdp else ''}; {mesh.size} device(s), global batch "
+        f"{global_batch_size}"
+        + (f" in {config.train.accumulation_steps} micro-batches"
+           if config.train.accumulation_steps > 1 else "")
     )
 
     step_fn = jax.jit(
-        make_train_step(model, tx, schedule, loss_fn),
-        in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
-        out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
+        make_train_step(
+            objective, tx, schedule, accumulation_steps=config.train.accumulation_steps, mesh=mesh
+        ),
+        in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
+        out_shardings=(state_shardings, parallel.replicated(mesh)),
         donate_argnums=0,
     )
     dataset = pipeline.training_dataset(

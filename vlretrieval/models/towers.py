@@ -4,7 +4,7 @@ Two models share that interface:
 - `DecomposedVLTransformer` (VLDeformer): both towers run the one `JointVLTransformer` on a single
   modality, so there is exactly one copy of the transformer weights (params["joint"]).
 - `DualEncoder` (CLIP/MURAL): an independent ViT and text transformer.
-Both hold a learnable temperature; `__call__` returns what the contrastive losses need.
+Both hold a learnable temperature (and, for the sigmoid loss, a learnable logit bias); `__call__` returns what the contrastive losses need.
 """
 
 from __future__ import annotations
@@ -60,6 +60,9 @@ class TowerHead:
     image_pooling: str = "cls"
     initial_temperature: float = 0.07
     max_logit_scale: float = 100.0
+    # SigLIP's learnable logit bias (the sigmoid loss needs it; softmax is blind to it).
+    logit_bias: bool = False
+    initial_logit_bias: float = -10.0
 
 
 class _RetrievalModel(nn.Module):
@@ -83,15 +86,22 @@ class _RetrievalModel(nn.Module):
         self.text_projection = nn.Dense(self.head.embed_dim, use_bias=False)
         self.image_projection = nn.Dense(self.head.embed_dim, use_bias=False)
         self.logit_scale = LogitScale(self.head.initial_temperature, self.head.max_logit_scale)
+        if self.head.logit_bias:
+            self.logit_bias = self.param(
+                "logit_bias", nn.initializers.constant(self.head.initial_logit_bias), ()
+            )
 
     def __call__(
         self, images: jax.Array, token_ids: jax.Array, text_mask: jax.Array, *, train: bool = False
     ) -> dict[str, jax.Array]:
-        return {
+        outputs = {
             "image_embeddings": self.encode_image(images, train=train),
             "text_embeddings": self.encode_text(token_ids, text_mask, train=train),
             "logit_scale": self.logit_scale(),
         }
+        if self.head.logit_bias:
+            outputs["logit_bias"] = self.logit_bias
+        return outputs
 
 
 class DecomposedVLTransformer(_RetrievalModel):
