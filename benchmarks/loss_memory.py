@@ -1,10 +1,11 @@
 """Per-device temporary memory of loss + gradient for the cross-device losses, from XLA.
 
-  python benchmarks/loss_memory.py [--global_batch 4096] [--dim 512]
+  python benchmarks/loss_memory.py [--global_batch 4096 16384] [--dim 512]
 
-Fakes 8 CPU devices, compiles value_and_grad of each sharded loss on 1, 2, 4 and 8 of them, and
-reads `temp_size_in_bytes` from the compiled program's memory analysis (the SPMD program is per
-device). Prints one JSON object per (loss, devices) and a Markdown table.
+Fakes 8 CPU devices, compiles value_and_grad of each loss of `parallel.CrossDeviceLosses` on 1, 2,
+4 and 8 of them, and reads `temp_size_in_bytes` from the compiled program's memory analysis (the
+SPMD program is per device; nothing is allocated). Prints one JSON object per (loss, batch,
+devices) and a Markdown table with the ratio to the 1-device figure.
 """
 
 import os
@@ -39,7 +40,7 @@ def temporary_bytes(loss_fn, mesh, global_batch: int, dim: int, scalars: int) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--global_batch", type=int, default=4096)
+    parser.add_argument("--global_batch", type=int, nargs="+", default=[4096])
     parser.add_argument("--dim", type=int, default=512)
     args = parser.parse_args()
     variants = {
@@ -52,17 +53,24 @@ def main() -> None:
             lambda losses: lambda i, t, s: losses.hardest_negative_hinge_loss(i, t, s), 1),
     }
     rows = []
-    for name, (make_loss, scalars) in variants.items():
-        for devices in (1, 2, 4, 8):
-            mesh = parallel.make_mesh(devices)
-            size = temporary_bytes(make_loss(parallel.CrossDeviceLosses(mesh)), mesh, args.global_batch, args.dim, scalars)
-            rows.append({"loss": name, "devices": devices, "global_batch": args.global_batch,
-                         "dim": args.dim, "temp_bytes_per_device": size})
-            print(json.dumps(rows[-1]), flush=True)
-    print("\n| loss | devices | temp MiB per device | vs 1 device |\n|---|---|---|---|")
+    for global_batch in args.global_batch:
+        for name, (make_loss, scalars) in variants.items():
+            if global_batch != args.global_batch[0] and name not in ("softmax", "sigmoid"):
+                continue  # the gathered terms at the first batch size only: they are O(b x B)
+            for devices in (1, 2, 4, 8):
+                mesh = parallel.make_mesh(devices)
+                loss = make_loss(parallel.CrossDeviceLosses(mesh))
+                size = temporary_bytes(loss, mesh, global_batch, args.dim, scalars)
+                rows.append({"loss": name, "devices": devices, "global_batch": global_batch,
+                             "dim": args.dim, "temp_bytes_per_device": size})
+                print(json.dumps(rows[-1]), flush=True)
+    print("\n| loss | global batch | devices | temp MiB per device | vs 1 device |")
+    print("|---|---|---|---|---|")
     for row in rows:
-        one = next(r for r in rows if r["loss"] == row["loss"] and r["devices"] == 1)
-        print(f"| {row['loss']} | {row['devices']} | {row['temp_bytes_per_device'] / 2**20:.1f} | "
+        one = next(r for r in rows if r["loss"] == row["loss"] and r["devices"] == 1
+                   and r["global_batch"] == row["global_batch"])
+        print(f"| {row['loss']} | {row['global_batch']} | {row['devices']} | "
+              f"{row['temp_bytes_per_device'] / 2**20:.1f} | "
               f"{row['temp_bytes_per_device'] / one['temp_bytes_per_device']:.4f} |")
 
 

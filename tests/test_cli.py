@@ -87,9 +87,11 @@ def test_a_diverging_loss_stops_with_one_line_and_no_checkpoint_for_it(tmp_path)
 @pytest.mark.parametrize(
     "override, fragment",
     [("--config.train.batch_size=30", "config.train.batch_size 30 is not divisible by the 8 devices"),
-     ("--config.train.num_devices=16", "config.train.num_devices is 16 but only 8 devices exist")],
+     ("--config.train.num_devices=16", "config.train.num_devices is 16 but only 8 devices exist"),
+     ("--config.train.accumulation_steps=3", "accumulation_steps 3 does not divide the 4 examples"),
+     ("--config.objectives.contrastive_loss=sigmoid", "set config.model.head.logit_bias=true")],
 )
-def test_batch_and_mesh_that_do_not_fit_the_devices(tmp_path, override, fragment):
+def test_batch_mesh_and_objectives_that_cannot_run(tmp_path, override, fragment):
     # conftest.py's XLA_FLAGS reach the subprocess: it sees 8 fake CPU devices.
     result = run_cli("train", "--config", "configs/demo.py:tiny", "--workdir", str(tmp_path / "w"),
                      "--data_dir", str(tmp_path / "data"), override)
