@@ -198,15 +198,16 @@ def _block_logits(queries, keys, valid, logit_scale):
     return similarity, jnp.where(valid[None, :] > 0, logit_scale * similarity, ABSENT_NEGATIVE)
 
 
-def softmax_block_forward(queries, key_sets, logit_scale, home: bool):
+def softmax_block_forward(queries, key_sets, logit_scale, home):
     """(logsumexp [b], best negative logit [b]) of the rows over one block of every key set."""
     partial_sums, best = [], jnp.full(queries.shape[0], -jnp.inf, queries.dtype)
     for index, (keys, valid) in enumerate(key_sets):
         _, logits = _block_logits(queries, keys, valid, logit_scale)
         partial_sums.append(jax.nn.logsumexp(logits, axis=1))
         negatives = jnp.where(valid[None, :] > 0, logits, -jnp.inf)
-        if home and index == 0:  # the diagonal is each row's positive
-            negatives = jnp.where(jnp.eye(*logits.shape, dtype=bool), -jnp.inf, negatives)
+        if index == 0:  # in the home block the diagonal is each row's positive
+            diagonal = jnp.logical_and(home, jnp.eye(*logits.shape, dtype=bool))
+            negatives = jnp.where(diagonal, -jnp.inf, negatives)
         best = jnp.maximum(best, negatives.max(axis=1))
     return jax.nn.logsumexp(jnp.stack(partial_sums), axis=0), best
 
@@ -231,7 +232,7 @@ def sigmoid_block_loss(
     text_embeddings: jax.Array,
     logit_scale: jax.Array,
     logit_bias: jax.Array,
-    diagonal_is_positive: bool,
+    diagonal_is_positive,
 ) -> jax.Array:
     """Sum of SigLIP's pairwise losses -log sigmoid(z * (scale * sim + bias)) over a block.
 
@@ -241,27 +242,23 @@ def sigmoid_block_loss(
     return -jnp.sum(jax.nn.log_sigmoid(_sigmoid_labels(logits, diagonal_is_positive) * logits))
 
 
-def _sigmoid_labels(logits, diagonal_is_positive: bool):
-    labels = -jnp.ones_like(logits)
-    if diagonal_is_positive:
-        labels = labels + 2 * jnp.eye(*logits.shape, dtype=logits.dtype)
-    return labels
+def _sigmoid_labels(logits, diagonal_is_positive):
+    """+1 on the diagonal if `diagonal_is_positive` (a bool, possibly traced), else -1."""
+    diagonal = jnp.logical_and(diagonal_is_positive, jnp.eye(*logits.shape, dtype=bool))
+    return jnp.where(diagonal, 1.0, -1.0).astype(logits.dtype)
 
 
 def sigmoid_block_backward(images, texts, logit_scale, logit_bias, coefficient, diagonal_is_positive):
     """Gradients of coefficient * sigmoid_block_loss: (d images, d texts, d scale, d bias).
 
-    d/dx of -log sigmoid(z x) is -z sigmoid(-z x); off the diagonal z = -1, so it is sigmoid(x).
-    Written for few [b, b] temporaries: the similarities and one gradient block (with the scale
-    folded in); the scalar gradients are contractions, not elementwise products.
+    d/dx of -log sigmoid(z x) is -z sigmoid(-z x). Written for few [b, b] temporaries: the
+    similarities and one gradient block (with the scale folded in); the scalar gradients are
+    contractions, not elementwise products.
     """
     similarity = images @ texts.T
     logits = logit_scale * similarity + logit_bias
-    if diagonal_is_positive:
-        labels = _sigmoid_labels(logits, True)
-        scaled_grad = -(coefficient * logit_scale) * labels * jax.nn.sigmoid(-labels * logits)
-    else:
-        scaled_grad = (coefficient * logit_scale) * jax.nn.sigmoid(logits)
+    labels = _sigmoid_labels(logits, diagonal_is_positive)
+    scaled_grad = -(coefficient * logit_scale) * labels * jax.nn.sigmoid(-labels * logits)
     scale_grad = jnp.einsum("ij,ij->", scaled_grad, similarity) / logit_scale
     bias_grad = jnp.sum(scaled_grad) / logit_scale
     return scaled_grad @ texts, scaled_grad.T @ images, scale_grad, bias_grad

@@ -137,6 +137,17 @@ def _shard_map(fn, mesh: Mesh, in_specs, out_specs):
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
 
 
+def _varying(tree):
+    """Marks initial loop values as differing per device (they will after one ring step)."""
+
+    def cast(x):
+        if DATA_AXIS in jax.typeof(x).manual_axis_type.varying:
+            return x
+        return jax.lax.pcast(x, (DATA_AXIS,), to="varying")
+
+    return jax.tree.map(cast, tree)
+
+
 class _Ring:
     """Blocks travelling round the `data` axis: device i hands what it holds to device i + 1."""
 
@@ -148,7 +159,8 @@ class _Ring:
         return jax.tree.map(lambda x: jax.lax.ppermute(x, DATA_AXIS, self.pairs), tree)
 
     def walk(self, home_block, visit, state, travelling=None):
-        """Runs `visit(held, travelling, state, home)` on each device's block in turn.
+        """Runs `visit(held, travelling, state, home)` on each device's block in turn (`home`, a
+        traced bool, is true at step 0 when a device holds its own block).
 
         At ring step s device i holds the block of device i - s, with `travelling` (e.g. the
         block's gradient accumulator, which `visit` returns updated) alongside it. Both move on
@@ -156,18 +168,20 @@ class _Ring:
         A `fori_loop` rather than an unrolled loop, so one block is live at a time.
         Returns (state, travelling).
         """
-        travelling, state = visit(home_block, travelling, state, True)
         if self.size == 1:
-            return state, travelling
-        held, travelling = self.shift((home_block, travelling))
+            return visit(home_block, travelling, state, True)[::-1]
 
-        def step(_, carry):
+        def step(index, carry):
             held, travelling, state = carry
-            travelling, state = visit(held, travelling, state, False)
-            held, travelling = self.shift((held, travelling))
+            travelling, state = visit(held, travelling, state, index == 0)
+            held, travelling = self.shift((held, travelling))  # held's last move is idle
             return held, travelling, state
 
-        _, travelling, state = jax.lax.fori_loop(1, self.size, step, (held, travelling, state))
+        # The home block is step 0 of the loop (not peeled off before it): a loop that XLA cannot
+        # unroll keeps one block live even at 2 devices.
+        _, travelling, state = jax.lax.fori_loop(
+            0, self.size, step, _varying((home_block, travelling, state))
+        )
         return state, travelling
 
 
