@@ -11,24 +11,11 @@ averaged R@K. Extra arguments go to both runs (e.g. --config.train.num_steps=100
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-def run(devices: int, config: str, workdir: str, data_dir: str, extra: list[str]) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    started = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-m", "vlretrieval.cli", "train", "--config", config, "--workdir", workdir,
-         "--data_dir", data_dir, "--no_progress", *extra],
-        check=True, env=env,
-    )
-    with open(os.path.join(workdir, "results.json")) as handle:
-        results = json.load(handle)
-    return {"devices": devices, "seconds": round(time.perf_counter() - started, 1),
-            "average": results["average"]}
+from runs import train_and_read_results  # noqa: E402
 
 
 def main() -> None:
@@ -40,7 +27,8 @@ def main() -> None:
     runs = []
     for devices in (1, 8):
         workdir = os.path.join(args.workdir, f"{devices}_devices")
-        runs.append(run(devices, args.config, workdir, args.data_dir, extra))
+        results = train_and_read_results(args.config, workdir, args.data_dir, extra, devices)
+        runs.append({"devices": devices, "seconds": results["seconds"], "average": results["average"]})
         print(json.dumps(runs[-1]), flush=True)
     differences = {
         f"{direction} {metric}": round(

@@ -99,8 +99,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             text_swap_fraction=0.3,
             composed_image_negatives=False,
             image_mix_fraction=0.5,
+            # MURAL's text-text task on translation pairs (config.bitext), through the same text
+            # tower: w_tt x symmetric InfoNCE over the global batch of pairs.
+            text_text=0.0,
+            text_text_temperature=0.0,  # 0: the model's learned temperature; else a fixed one
+            text_text_margin=0.0,  # LaBSE's additive margin on the positive pair's cosine
         )
     )
+
+    # Translation pairs for the text-text task (used when objectives.text_text > 0).
+    config.bitext = ml_collections.ConfigDict()
+    config.bitext.batch_size = 128  # global sentence pairs per step, beside the image-text batch
+    # A directory of <source>-<target>.tsv files (built once into data.data_dir), or a prepared
+    # TranslationPairs dataset; both empty: the demo's pairs (English with every other language).
+    config.bitext.tsv_dir = ""
+    config.bitext.dataset_dir = ""
+    config.bitext.language_pairs = ()  # e.g. ("en-de", "en-it"); empty = every pair there is
+    config.bitext.pair_weights = ()  # sampling proportions of language_pairs; empty = equal
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.learning_rate = 2e-3

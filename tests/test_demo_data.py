@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vlretrieval.data.builders import demo_scenes, scenes
+from vlretrieval.data.builders import captions, demo_scenes, scenes
 from vlretrieval.data.builders.demo_scenes import DemoScenesConfig
 from vlretrieval.data.tokenizer import load_tokenizer
 from vlretrieval.errors import UserError
@@ -88,9 +88,9 @@ def test_stored_examples_are_the_generated_ones(small_builder):
 
 def test_five_distinct_captions_per_language(small_builder):
     for ex in read_split(small_builder, "validation"):
-        assert sorted(ex["captions"]) == sorted(scenes.LANGUAGES)
-        for captions in ex["captions"].values():
-            assert len(captions) == 5 and len(set(captions)) == 5
+        assert sorted(ex["captions"]) == sorted(captions.LANGUAGES)
+        for texts in ex["captions"].values():
+            assert len(texts) == 5 and len(set(texts)) == 5
 
 
 def test_every_caption_names_every_object_and_the_relation():
@@ -99,8 +99,8 @@ def test_every_caption_names_every_object_and_the_relation():
     horizontal, vertical = {"left", "right"}, {"above", "below", "top", "bottom"}
     assert {len(scene.objects) for scene in drawn} == {1, 2, 3}
     for scene in drawn:
-        for language, captions in scenes.scene_captions(scene, rng).items():
-            forms = scenes.WORD_FORMS[language]
+        for language, captions in captions.scene_captions(scene, rng).items():
+            forms = captions.WORD_FORMS[language]
             for caption in captions:
                 for obj in scene.objects:
                     for kind, value in (("colour", obj.colour), ("shape", obj.shape),
@@ -113,9 +113,9 @@ def test_every_caption_names_every_object_and_the_relation():
 
 
 def test_content_words_cover_every_language_and_kind():
-    assert scenes.LANGUAGES == ("en", "de", "fr", "es")
-    for language in scenes.LANGUAGES:
-        kinds = scenes.CONTENT_WORDS[language]
+    assert captions.LANGUAGES == ("en", "de", "fr", "es", "it")
+    for language in captions.LANGUAGES:
+        kinds = captions.CONTENT_WORDS[language]
         assert set(kinds) == {"colour", "shape", "size", "relation"}
         assert len(kinds["colour"]) >= 8 and len(kinds["shape"]) == 5
         assert len(kinds["size"]) >= 2 and len(kinds["relation"]) == 6
@@ -193,7 +193,7 @@ def test_missing_tokenizer_is_trained_again(tmp_path):
 def test_demo_tokenizer_knows_every_content_word(small_builder):
     tokenizer = load_tokenizer(demo_scenes.demo_tokenizer_path(small_builder))
     unknown = tokenizer.tokenizer.token_to_id("[UNK]")
-    words = [word for kinds in scenes.CONTENT_WORDS.values()
+    words = [word for kinds in captions.CONTENT_WORDS.values()
              for forms in kinds.values() for word in forms]
     ids, mask = tokenizer.encode(words, 8)
     assert not (ids == unknown).any()
@@ -210,15 +210,15 @@ def test_interrupted_build_is_not_mistaken_for_a_finished_one(tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         demo_scenes.prepare_demo_data(str(tmp_path), TINY)
     config_dir = tmp_path / "demo_scenes" / "tiny"
-    assert not (config_dir / "1.0.0").exists()
+    assert not (config_dir / "1.1.0").exists()
     # A build killed outright leaves its temporary folder; the next build must not trip on it.
-    (config_dir / "incomplete.ABC123_1.0.0").mkdir(parents=True)
-    (config_dir / "incomplete.ABC123_1.0.0" / "junk").write_text("half a file")
+    (config_dir / "incomplete.ABC123_1.1.0").mkdir(parents=True)
+    (config_dir / "incomplete.ABC123_1.1.0" / "junk").write_text("half a file")
     monkeypatch.undo()
 
     builder = demo_scenes.prepare_demo_data(str(tmp_path), TINY)
     assert len(builder.as_data_source(split="train")) == TINY.num_train
-    assert sorted(os.listdir(config_dir)) == ["1.0.0"]
+    assert sorted(os.listdir(config_dir)) == ["1.1.0"]
 
 
 def test_same_name_other_seed_is_refused(tmp_path):
@@ -251,7 +251,7 @@ def test_invalid_sizes_are_refused(tmp_path):
 def test_load_prepared_dataset(small_builder):
     loaded = demo_scenes.load_prepared_dataset(demo_scenes.dataset_dir(small_builder))
     assert len(loaded.as_data_source(split="test")) == SMALL.num_test
-    assert sorted(loaded.info.features["captions"].keys()) == sorted(scenes.LANGUAGES)
+    assert sorted(loaded.info.features["captions"].keys()) == sorted(captions.LANGUAGES)
 
 
 def test_load_prepared_dataset_refuses_other_folders(tmp_path, small_builder):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vlretrieval.data.builders.scenes import WORD_FORMS
+from vlretrieval.data.builders.captions import WORD_FORMS
 from vlretrieval.negatives import (
     ContentWordSwapper,
     TextNegativeComposer,

@@ -33,9 +33,10 @@ def embed_in_batches(
 ) -> np.ndarray:
     """Apply `embed_fn` to `arrays` in fixed-size batches sharded over the mesh.
 
-    The last batch is padded (one compiled shape for all batches) and the padding rows dropped.
+    The last batch is padded (one compiled shape for all batches) and the padding rows dropped;
+    `batch_size` is rounded up to a multiple of the device count, so any size works on any mesh.
     """
-    parallel.check_batch_divisible(batch_size, mesh, "eval batch size")
+    batch_size = -(-batch_size // mesh.size) * mesh.size
     count = len(arrays[0])
     sharding = parallel.batch_sharding(mesh)
     outputs = []

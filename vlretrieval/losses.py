@@ -32,16 +32,18 @@ def row_logits(
     first_positive: jax.Array | int,
     extra_keys: jax.Array | None = None,
     extra_valid: jax.Array | None = None,
+    positive_margin: jax.Array | float = 0.0,
 ) -> tuple[jax.Array, jax.Array]:
     """Logits of b query rows against B keys (+ B composed negatives), and the negatives' mask.
 
-    Row r's positive is key `first_positive + r`. Every composed negative is a column for every
-    row (NegCLIP-style); those not `extra_valid` get ABSENT_NEGATIVE and are not negatives.
+    Row r's positive is key `first_positive + r`; an additive margin (LaBSE) lowers its logit to
+    scale * (similarity - margin). Every composed negative is a column for every row
+    (NegCLIP-style); those not `extra_valid` get ABSENT_NEGATIVE and are not negatives.
     Returns ([b, B(+B)] logits, bool [b, B(+B)]: True where the column is a negative of the row).
     """
-    logits = logit_scale * queries @ keys.T
     columns = jnp.arange(keys.shape[0])[None, :]
     negative = columns != first_positive + jnp.arange(queries.shape[0])[:, None]
+    logits = logit_scale * (queries @ keys.T - jnp.where(negative, 0.0, positive_margin))
     if extra_keys is None:
         return logits, negative
     extra = logit_scale * queries @ extra_keys.T
@@ -56,9 +58,13 @@ def _positive_logits(logits: jax.Array, first_positive: jax.Array | int) -> jax.
     return logits[rows, first_positive + rows]
 
 
-def contrastive_rows_loss(queries, keys, logit_scale, first_positive, extra_keys=None, extra_valid=None):
+def contrastive_rows_loss(
+    queries, keys, logit_scale, first_positive, extra_keys=None, extra_valid=None, positive_margin=0.0
+):
     """Sum over the b rows of InfoNCE's cross-entropy against every key (and composed negative)."""
-    logits, _ = row_logits(queries, keys, logit_scale, first_positive, extra_keys, extra_valid)
+    logits, _ = row_logits(
+        queries, keys, logit_scale, first_positive, extra_keys, extra_valid, positive_margin
+    )
     return jnp.sum(jax.nn.logsumexp(logits, axis=1) - _positive_logits(logits, first_positive))
 
 
@@ -123,14 +129,16 @@ def softmax_contrastive_loss(
     extra_text_negatives: jax.Array | None = None,
     extra_image_negatives: jax.Array | None = None,
     extra_text_valid: jax.Array | None = None,
+    positive_margin: jax.Array | float = 0.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Symmetric InfoNCE (CLIP): the mean of image->text and text->image cross-entropies.
 
-    The same function serves text-text pairs (MURAL's translation task): pass the two sides.
+    The same function serves text-text pairs (MURAL's translation task, with LaBSE's additive
+    `positive_margin`): pass the two sides.
     """
     extras = (extra_text_negatives, extra_image_negatives, extra_text_valid)
     loss = _both_directions(contrastive_rows_loss, image_embeddings, text_embeddings, *extras,
-                            logit_scale)
+                            logit_scale, positive_margin=positive_margin)
     batch = image_embeddings.shape[0]
     metrics = {
         "image_to_text_accuracy": correct_rows(
@@ -198,11 +206,19 @@ def _block_logits(queries, keys, valid, logit_scale):
     return similarity, jnp.where(valid[None, :] > 0, logit_scale * similarity, ABSENT_NEGATIVE)
 
 
-def softmax_block_forward(queries, key_sets, logit_scale, home):
+def _home_margin(logits, logit_scale, home, positive_margin):
+    """Lowers the positives (the home block's diagonal) by scale * margin."""
+    diagonal = jnp.logical_and(home, jnp.eye(*logits.shape, dtype=bool))
+    return logits - jnp.where(diagonal, logit_scale * positive_margin, 0.0)
+
+
+def softmax_block_forward(queries, key_sets, logit_scale, home, positive_margin=0.0):
     """(logsumexp [b], best negative logit [b]) of the rows over one block of every key set."""
     partial_sums, best = [], jnp.full(queries.shape[0], -jnp.inf, queries.dtype)
     for index, (keys, valid) in enumerate(key_sets):
         _, logits = _block_logits(queries, keys, valid, logit_scale)
+        if index == 0:
+            logits = _home_margin(logits, logit_scale, home, positive_margin)
         partial_sums.append(jax.nn.logsumexp(logits, axis=1))
         negatives = jnp.where(valid[None, :] > 0, logits, -jnp.inf)
         if index == 0:  # in the home block the diagonal is each row's positive
@@ -212,18 +228,24 @@ def softmax_block_forward(queries, key_sets, logit_scale, home):
     return jax.nn.logsumexp(jnp.stack(partial_sums), axis=0), best
 
 
-def softmax_block_backward(queries, key_sets, logit_scale, logsumexp, coefficient):
+def softmax_block_backward(
+    queries, key_sets, logit_scale, logsumexp, coefficient, home, positive_margin=0.0
+):
     """Gradients of coefficient * sum(logsumexp) through one block: (d queries, d key sets, d scale).
 
-    d logsumexp / d logit is the softmax probability exp(logit - logsumexp).
+    d logsumexp / d logit is the softmax probability exp(logit - logsumexp); a logit is
+    scale * (similarity - margin on the positives), so d logit / d scale is what is in brackets.
     """
     query_grad, scale_grad, key_grads = jnp.zeros_like(queries), 0.0, []
-    for keys, valid in key_sets:
+    for index, (keys, valid) in enumerate(key_sets):
         similarity, logits = _block_logits(queries, keys, valid, logit_scale)
+        if index == 0:
+            logits = _home_margin(logits, logit_scale, home, positive_margin)
+            similarity = _home_margin(similarity, 1.0, home, positive_margin)
         logit_grad = coefficient * jnp.exp(logits - logsumexp[:, None]) * (valid[None, :] > 0)
         query_grad += logit_scale * logit_grad @ keys
         key_grads.append((logit_scale * logit_grad.T @ queries, jnp.zeros_like(valid)))
-        scale_grad += jnp.sum(logit_grad * similarity)
+        scale_grad += jnp.einsum("ij,ij->", logit_grad, similarity)
     return query_grad, tuple(key_grads), scale_grad
 
 

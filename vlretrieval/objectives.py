@@ -7,7 +7,10 @@ Terms (each with its weight in `config.objectives`; 0 switches it off):
 - `hardest_negative_hinge`: VSE++ hinge against the `hinge_top_k` hardest negatives, `hinge_margin`;
 - `image_text_matching`: the joint model's ITM head on positives and on negatives drawn from the
   batch in proportion to their contrastive similarity (ALBEF/VinVL-style hard negatives);
-- `masked_language_model`: BERT-style MLM on the text, with the image as context.
+- `masked_language_model`: BERT-style MLM on the text, with the image as context;
+- `text_text`: MURAL's translation task: symmetric InfoNCE between the text tower's embeddings of
+  sentence pairs (`batch["bitext_*"]`), at `text_text_temperature` (0 = the learned one), with
+  LaBSE's additive `text_text_margin`.
 Composed bimodal negatives (`composed_text_negatives`, `composed_image_negatives`) are extra
 columns of every softmax/hinge tower term.
 
@@ -28,7 +31,8 @@ import ml_collections
 from vlretrieval import losses, negatives
 from vlretrieval.errors import UserError
 
-TOWER_TERMS = ("contrastive", "reweighted_contrastive", "hardest_negative_hinge")
+TOWER_TERMS = ("contrastive", "reweighted_contrastive", "hardest_negative_hinge", "text_text")
+IMAGE_TEXT_TERMS = ("contrastive", "reweighted_contrastive", "hardest_negative_hinge")
 CONTRASTIVE_LOSSES = ("softmax", "sigmoid")
 JOINT_TERMS = ("image_text_matching", "masked_language_model")
 
@@ -82,6 +86,8 @@ def check_objectives(
                 "composed negatives are extra softmax columns; with contrastive_loss=sigmoid use "
                 "them with the reweighted_contrastive or hardest_negative_hinge terms only"
             )
+    if config.text_text < 0 or config.text_text_temperature < 0 or config.text_text_margin < 0:
+        raise UserError("config.objectives.text_text, its temperature and margin must not be negative")
     if config.hinge_top_k < 1:
         raise UserError(f"config.objectives.hinge_top_k must be at least 1, not {config.hinge_top_k}")
     if any(config[term] > 0 for term in JOINT_TERMS) and not hasattr(model, "joint_forward"):
@@ -134,6 +140,7 @@ def make_objective(
 ) -> Objective:
     """The objectives in `config` for `model`; `tower_losses` decides how the batch is laid out."""
     use_tower_terms = any(config[term] > 0 for term in TOWER_TERMS)
+    use_image_text_terms = any(config[term] > 0 for term in IMAGE_TEXT_TERMS)
 
     def tower_outputs(params, batch, rng):
         dropout_rng, mix_rng = jax.random.split(rng)
@@ -141,15 +148,21 @@ def make_objective(
         outputs = dict(
             apply(batch["images"], batch["token_ids"], batch["text_mask"], method=model.__call__)
         )
-        if use_tower_terms and config.composed_image_negatives:
+        if use_image_text_terms and config.composed_image_negatives:
             # Patches from the next image of the same (micro-)batch replace a fraction of each
             # image's patches: an image that matches its caption only in part.
             mixed, _ = negatives.mix_patches(batch["images"], mix_rng, patch_size, config.image_mix_fraction)
             outputs["extra_image_negatives"] = apply(mixed, method=model.encode_image)
-        if use_tower_terms and config.composed_text_negatives:
+        if use_image_text_terms and config.composed_text_negatives:
             outputs["extra_text_negatives"] = apply(
                 batch["negative_token_ids"], batch["negative_text_mask"], method=model.encode_text
             )
+        if config.text_text > 0:  # the same text tower encodes both sides of a translation pair
+            for side in ("source", "target"):
+                outputs[f"bitext_{side}_embeddings"] = apply(
+                    batch[f"bitext_{side}_ids"], batch[f"bitext_{side}_mask"],
+                    method=model.encode_text,
+                )
         return outputs
 
     def tower_loss(outputs, batch):
@@ -166,6 +179,20 @@ def make_objective(
         if "logit_bias" in outputs:
             metrics["logit_bias"] = outputs["logit_bias"]
         total = 0.0
+        if config.text_text > 0:
+            scale = logit_scale if config.text_text_temperature == 0 else 1.0 / config.text_text_temperature
+            term, accuracies = tower_losses.softmax_contrastive_loss(
+                outputs["bitext_source_embeddings"], outputs["bitext_target_embeddings"], scale,
+                positive_margin=config.text_text_margin,
+            )
+            metrics.update(
+                text_text_loss=term,
+                source_to_target_accuracy=accuracies["image_to_text_accuracy"],
+                target_to_source_accuracy=accuracies["text_to_image_accuracy"],
+            )
+            total += config.text_text * term
+        if not use_image_text_terms:
+            return total, metrics
         if config.contrastive > 0:
             if config.contrastive_loss == "sigmoid":
                 term = tower_losses.sigmoid_loss(*embeddings, logit_scale, outputs["logit_bias"])

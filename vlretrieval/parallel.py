@@ -188,8 +188,9 @@ class _Ring:
 def _ring_softmax_direction(mesh: Mesh):
     """Sum over the global batch of one InfoNCE direction, divided by the batch, plus accuracy.
 
-    `f(queries, key_sets, logit_scale) -> (mean cross-entropy, top-1 accuracy)`; `key_sets` is a
-    tuple of (keys, valid) arrays sharded like the queries (set 0 holds the positives). Each device
+    `f(queries, key_sets, logit_scale, positive_margin) -> (mean cross-entropy, top-1 accuracy)`;
+    `key_sets` is a tuple of (keys, valid) arrays sharded like the queries (set 0 holds the
+    positives, lowered by the additive margin). Each device
     scores its b rows against every device's keys one b-block at a time as the blocks travel round
     the ring: a running logsumexp forward; backward, the blocks go round again with their gradient
     accumulators, which arrive home holding every device's contribution. Memory O(b x b).
@@ -197,29 +198,34 @@ def _ring_softmax_direction(mesh: Mesh):
     ring = _Ring(mesh)
     data, whole = PartitionSpec(DATA_AXIS), PartitionSpec()
 
-    def forward_local(queries, key_sets, logit_scale):
+    def forward_local(queries, key_sets, logit_scale, positive_margin):
         rows = queries.shape[0]
         empty = jnp.full(rows, -jnp.inf, queries.dtype)
 
         def visit(held, travelling, state, home):
             logsumexp, best = state
-            block_sum, block_best = losses.softmax_block_forward(queries, held, logit_scale, home)
+            block_sum, block_best = losses.softmax_block_forward(
+                queries, held, logit_scale, home, positive_margin
+            )
             return travelling, (jnp.logaddexp(logsumexp, block_sum), jnp.maximum(best, block_best))
 
         (logsumexp, best), _ = ring.walk(key_sets, visit, (empty, empty))
         positive = logit_scale * jnp.sum(queries * key_sets[0][0], axis=1)
         total_rows = rows * ring.size
-        loss = jax.lax.psum(jnp.sum(logsumexp - positive), DATA_AXIS) / total_rows
+        margin_sum = jnp.sum(logsumexp - positive + logit_scale * positive_margin)
+        loss = jax.lax.psum(margin_sum, DATA_AXIS) / total_rows
         accuracy = jax.lax.psum(jnp.sum(positive > best), DATA_AXIS) / total_rows
         return (loss, accuracy), logsumexp
 
-    def backward_local(queries, key_sets, logit_scale, logsumexp, loss_grad):
+    def backward_local(queries, key_sets, logit_scale, positive_margin, logsumexp, loss_grad):
         positives = key_sets[0][0]
         coefficient = loss_grad / (queries.shape[0] * ring.size)
 
         def visit(held, held_grads, state, home):
             query_grad, scale_grad = state
-            block = losses.softmax_block_backward(queries, held, logit_scale, logsumexp, coefficient)
+            block = losses.softmax_block_backward(
+                queries, held, logit_scale, logsumexp, coefficient, home, positive_margin
+            )
             held_grads = jax.tree.map(jnp.add, held_grads, block[1])
             return held_grads, (query_grad + block[0], scale_grad + block[2])
 
@@ -227,24 +233,28 @@ def _ring_softmax_direction(mesh: Mesh):
         (query_grad, scale_grad), held_grads = ring.walk(
             key_sets, visit, (jnp.zeros_like(queries), jnp.zeros((), queries.dtype)), zeros
         )
-        # The positive logit's -scale * q.k term.
+        # The positive logit's -scale * (q.k - margin) term.
         query_grad -= coefficient * logit_scale * positives
         (positive_grad, valid_grad), *others = held_grads
         positive_grad -= coefficient * logit_scale * queries
-        scale_grad -= coefficient * jnp.sum(queries * positives)
+        scale_grad -= coefficient * (jnp.sum(queries * positives) - queries.shape[0] * positive_margin)
         key_grads = ((positive_grad, valid_grad), *others)
-        return query_grad, key_grads, jax.lax.psum(scale_grad, DATA_AXIS)
+        # The margin is a hyperparameter: no gradient.
+        return (query_grad, key_grads, jax.lax.psum(scale_grad, DATA_AXIS),
+                jnp.zeros_like(positive_margin))
 
-    forward = _shard_map(forward_local, mesh, (data, data, whole), ((whole, whole), data))
-    backward = _shard_map(backward_local, mesh, (data, data, whole, data, whole), (data, data, whole))
+    forward = _shard_map(forward_local, mesh, (data, data, whole, whole), ((whole, whole), data))
+    backward = _shard_map(
+        backward_local, mesh, (data, data, whole, whole, data, whole), (data, data, whole, whole)
+    )
 
     @jax.custom_vjp
-    def direction(queries, key_sets, logit_scale):
-        return forward(queries, key_sets, logit_scale)[0]
+    def direction(queries, key_sets, logit_scale, positive_margin):
+        return forward(queries, key_sets, logit_scale, positive_margin)[0]
 
-    def direction_forward(queries, key_sets, logit_scale):
-        outputs, logsumexp = forward(queries, key_sets, logit_scale)
-        return outputs, (queries, key_sets, logit_scale, logsumexp)
+    def direction_forward(queries, key_sets, logit_scale, positive_margin):
+        outputs, logsumexp = forward(queries, key_sets, logit_scale, positive_margin)
+        return outputs, (queries, key_sets, logit_scale, positive_margin, logsumexp)
 
     def direction_backward(residuals, output_grads):
         return backward(*residuals, output_grads[0])  # accuracy has no gradient
@@ -329,15 +339,21 @@ class CrossDeviceLosses:
     def softmax_contrastive_loss(
         self, image_embeddings, text_embeddings, logit_scale,
         extra_text_negatives=None, extra_image_negatives=None, extra_text_valid=None,
+        positive_margin=0.0,
     ):
+        margin = jnp.asarray(positive_margin, image_embeddings.dtype)
         text_sets = ((text_embeddings, _valid(text_embeddings)),)
         if extra_text_negatives is not None:
             text_sets += ((extra_text_negatives, _valid(extra_text_negatives, extra_text_valid)),)
         image_sets = ((image_embeddings, _valid(image_embeddings)),)
         if extra_image_negatives is not None:
             image_sets += ((extra_image_negatives, _valid(extra_image_negatives)),)
-        image_to_text, image_accuracy = self._softmax_direction(image_embeddings, text_sets, logit_scale)
-        text_to_image, text_accuracy = self._softmax_direction(text_embeddings, image_sets, logit_scale)
+        image_to_text, image_accuracy = self._softmax_direction(
+            image_embeddings, text_sets, logit_scale, margin
+        )
+        text_to_image, text_accuracy = self._softmax_direction(
+            text_embeddings, image_sets, logit_scale, margin
+        )
         metrics = {"image_to_text_accuracy": image_accuracy, "text_to_image_accuracy": text_accuracy}
         return (image_to_text + text_to_image) / 2, metrics
 

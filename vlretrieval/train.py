@@ -170,6 +170,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     tx, schedule = make_optimizer(config.optimizer, config.train.num_steps)
     state = create_train_state(model, tx, config.seed)
     objective = objective_for(model, config, data, mesh)
+    translations = None
+    if config.objectives.text_text > 0:  # checked before anything is written
+        parallel.check_batch_divisible(config.bitext.batch_size, mesh, "config.bitext.batch_size")
+        parallel.check_accumulation(config.bitext.batch_size, mesh, config.train.accumulation_steps)
+        translations = datasets.open_translations(config.bitext, config.data, config.seed)
     if config.train.init_from and not has_checkpoint(workdir):
         # A new run starting from another run's weights (e.g. the towers from a pre-trained joint
         # model): parameters only; the optimizer, step and data order start afresh. A resumed run
@@ -201,24 +206,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
         out_shardings=(state_shardings, parallel.replicated(mesh)),
         donate_argnums=0,
     )
-    dataset = pipeline.training_dataset(
-        data.split("train"),
-        data.tokenizer,
-        local_batch_size=parallel.local_batch_size(global_batch_size),
-        languages=config.data.languages,
-        max_text_length=config.data.max_text_length,
-        seed=config.seed,
-        text_negatives=(
-            TextNegativeComposer(data.content_words, config.objectives.text_swap_fraction)
-            if config.objectives.composed_text_negatives
-            else None
-        ),
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
     writer = MetricsWriter(workdir)
     num_steps = config.train.num_steps
-    batches = pipeline.iterate_from(dataset, start_step)
+    batches = _training_batches(config, data, translations, start_step)
     bar = tqdm(
         total=num_steps, initial=start_step, unit="step", disable=not progress or start_step >= num_steps
     )
@@ -243,6 +233,39 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     checkpointer.wait()
     checkpointer.close()
     return model, state.params, data
+
+
+def _training_batches(config: ml_collections.ConfigDict, data, translations, start_step: int):
+    """This host's batches from `start_step` on: image-text pairs, and with the text-text task
+    a batch of translation pairs beside them (both indexed by step, so resuming is exact)."""
+    image_text = pipeline.training_dataset(
+        data.split("train"),
+        data.tokenizer,
+        local_batch_size=parallel.local_batch_size(config.train.batch_size),
+        languages=config.data.languages,
+        max_text_length=config.data.max_text_length,
+        seed=config.seed,
+        text_negatives=(
+            TextNegativeComposer(data.content_words, config.objectives.text_swap_fraction)
+            if config.objectives.composed_text_negatives
+            else None
+        ),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    batches = pipeline.iterate_from(image_text, start_step)
+    if translations is None:
+        return batches
+    sources, weights = translations
+    bitext = pipeline.translation_dataset(
+        pipeline.TranslationMixture(sources, weights, seed=config.seed + 2),
+        data.tokenizer,
+        local_batch_size=parallel.local_batch_size(config.bitext.batch_size),
+        max_text_length=config.data.max_text_length,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    return ({**pair, **text} for pair, text in zip(batches, pipeline.iterate_from(bitext, start_step)))
 
 
 def evaluate_checkpoint(

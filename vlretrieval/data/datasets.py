@@ -8,12 +8,14 @@ the demo data.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 from typing import Any
 
 import ml_collections
 import tensorflow_datasets as tfds
 
-from vlretrieval.data.builders import demo_scenes, scenes
+from vlretrieval.data.builders import captions, demo_scenes, translation_pairs
 from vlretrieval.data.tokenizer import TextTokenizer, load_tokenizer
 from vlretrieval.errors import UserError
 
@@ -76,7 +78,45 @@ def open_dataset(config: ml_collections.ConfigDict, seed: int) -> RetrievalData:
             f"config.data.languages names {missing}, which the dataset at {directory} does not "
             f"have; it has {sorted(caption_languages)}"
         )
-    content_words = scenes.WORD_FORMS if builder.name == demo_scenes.DemoScenes.name else None
+    content_words = captions.WORD_FORMS if builder.name == demo_scenes.DemoScenes.name else None
     return RetrievalData(
         builder=builder, tokenizer=tokenizer, directory=directory, content_words=content_words
     )
+
+
+def open_translations(
+    bitext: ml_collections.ConfigDict, data: ml_collections.ConfigDict, seed: int
+) -> tuple[dict[str, Any], list[float]]:
+    """The translation pairs `bitext` names: (language pair -> data source, sampling weights).
+
+    `bitext.dataset_dir` (a prepared TranslationPairs dataset) wins, then `bitext.tsv_dir` (built
+    once into `data.data_dir`); with neither, the demo's pairs beside the demo data.
+    """
+    if bitext.dataset_dir:
+        builder = demo_scenes.load_prepared_dataset(bitext.dataset_dir)
+    elif bitext.tsv_dir:
+        directory = os.path.abspath(bitext.tsv_dir)
+        name = "tsv_" + hashlib.sha1(directory.encode()).hexdigest()[:10]
+        builder = translation_pairs.prepare(directory, data.data_dir, name)
+    elif data.name == "demo_scenes" and not data.dataset_dir:
+        builder = demo_scenes.prepare_demo_translations(data.data_dir, _demo_config(data, seed))
+    else:
+        raise UserError(
+            "config.objectives.text_text needs translation pairs: set config.bitext.tsv_dir (a "
+            "directory of <source>-<target>.tsv files) or config.bitext.dataset_dir"
+        )
+    available = translation_pairs.pair_sources(builder)
+    pairs = list(bitext.language_pairs) or sorted(available)
+    unknown = [pair for pair in pairs if pair not in available]
+    if unknown:
+        raise UserError(
+            f"config.bitext.language_pairs names {unknown}, which the translation pairs do not "
+            f"have; they have {sorted(available)}"
+        )
+    weights = list(bitext.pair_weights) or [1.0] * len(pairs)
+    if len(weights) != len(pairs) or min(weights) < 0 or sum(weights) <= 0:
+        raise UserError(
+            f"config.bitext.pair_weights {tuple(bitext.pair_weights)} must be one non-negative "
+            f"weight per language pair {tuple(pairs)}, not all zero"
+        )
+    return {pair: available[pair] for pair in pairs}, [float(w) for w in weights]

@@ -22,14 +22,18 @@ def normalize_images(images: np.ndarray) -> np.ndarray:
 
 
 def _pick_caption(languages: Sequence[str], text_negatives=None):
-    """A random_map function: one image with one caption drawn from any of its languages.
+    """A random_map function: one image with one caption drawn from any of its languages that
+    has captions for it (the demo's low-resource language has none in training).
 
     With `text_negatives` (a `negatives.TextNegativeComposer`), also the caption with some of its
     content words swapped: a hard negative text composed for this example.
     """
 
     def pick(record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        language = languages[rng.integers(len(languages))]
+        captioned = [language for language in languages if len(record["captions"][language])]
+        if not captioned:
+            raise ValueError(f"an example has no caption in any of {list(languages)}")
+        language = captioned[rng.integers(len(captioned))]
         captions = record["captions"][language]
         caption = captions[rng.integers(len(captions))]
         if isinstance(caption, bytes):
@@ -85,6 +89,64 @@ def training_dataset(
         .random_map(_pick_caption(tuple(languages), text_negatives), seed=seed + 1)
         .batch(local_batch_size, drop_remainder=True)
         .map(_tokenize_batch(tokenizer, max_text_length))
+    )
+
+
+class TranslationMixture:
+    """Random access to sentence pairs drawn from several language pairs in set proportions.
+
+    Item i is a pure function of (seed, i): a language pair drawn with `weights`, then one of its
+    pairs uniformly, so batch `step` is the same however often the run resumed.
+    """
+
+    def __init__(self, sources: dict[str, Sequence[dict[str, Any]]], weights: Sequence[float], seed: int):
+        self.pairs = list(sources)
+        self.sources = [sources[pair] for pair in self.pairs]
+        total = float(sum(weights))
+        self.weights = np.asarray(weights, np.float64) / total
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return 2**62  # endless: the training loop decides how many steps
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        rng = np.random.default_rng([self.seed, index])
+        pair = int(rng.choice(len(self.pairs), p=self.weights))
+        source = self.sources[pair]
+        record = source[int(rng.integers(len(source)))]
+        decode = lambda text: text.decode("utf-8") if isinstance(text, bytes) else text
+        return {"source": decode(record["source"]), "target": decode(record["target"]), "pair": pair}
+
+
+def _tokenize_translations(tokenizer: TextTokenizer, max_length: int):
+    def tokenize(batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        source_ids, source_mask = tokenizer.encode(list(batch["source"]), max_length)
+        target_ids, target_mask = tokenizer.encode(list(batch["target"]), max_length)
+        return {
+            "bitext_source_ids": source_ids,
+            "bitext_source_mask": source_mask,
+            "bitext_target_ids": target_ids,
+            "bitext_target_mask": target_mask,
+            "bitext_pair": np.asarray(batch["pair"], np.int32),
+        }
+
+    return tokenize
+
+
+def translation_dataset(
+    mixture: TranslationMixture,
+    tokenizer: TextTokenizer,
+    *,
+    local_batch_size: int,
+    max_text_length: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.MapDataset:
+    """This host's batches of tokenized sentence pairs; index = step, hosts draw disjoint items."""
+    return (
+        grain.MapDataset.source(mixture)[process_index::process_count]
+        .batch(local_batch_size, drop_remainder=True)
+        .map(_tokenize_translations(tokenizer, max_text_length))
     )
 
 

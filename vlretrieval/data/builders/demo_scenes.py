@@ -1,8 +1,10 @@
-"""The bundled demo set: procedurally drawn scenes of shapes with captions in four languages.
+"""The bundled demo set: procedurally drawn scenes of shapes with captions in five languages.
 
 A tensorflow-datasets builder (array_record files, read back with `as_data_source`, no TensorFlow)
 so the demo runs on exactly the code path of real benchmarks, and a `prepare_demo_data` that
-builds it once into a data directory, with a WordPiece tokenizer trained on its training captions.
+builds it once into a data directory, with translation pairs between English and every other
+language (`translation_pairs.py`) and a WordPiece tokenizer trained on the training captions and
+those pairs. The low-resource language (Italian) has captions in validation and test only.
 Everything is a function of the config's seed: two builds are identical.
 """
 
@@ -25,9 +27,14 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from vlretrieval.data import tokenizer as tokenizer_lib
-from vlretrieval.data.builders import scenes
+from vlretrieval.data.builders import captions, scenes, translation_pairs
 # Re-exported: the demo set's vocabulary, languages and scene identity are part of its API.
-from vlretrieval.data.builders.scenes import CONTENT_WORDS, LANGUAGES, description  # noqa: F401
+from vlretrieval.data.builders.captions import (  # noqa: F401
+    CONTENT_WORDS,
+    LANGUAGES,
+    LOW_RESOURCE_LANGUAGE,
+)
+from vlretrieval.data.builders.scenes import description  # noqa: F401
 from vlretrieval.errors import UserError
 
 SPLITS = ("train", "validation", "test")
@@ -35,6 +42,7 @@ SPLITS = ("train", "validation", "test")
 UNIQUE_SPLITS = frozenset({"test"})
 TOKENIZER_FILENAME = "tokenizer.json"
 TOKENIZER_VOCAB_SIZE = 2000
+TRANSLATIONS_FOLDER = "demo_translations"  # <data_dir>/demo_translations/en-<xx>.tsv
 
 
 @dataclasses.dataclass(eq=False)
@@ -61,31 +69,63 @@ def split_scenes(seed: int, split: str, count: int) -> Iterator[scenes.Scene]:
 
 def split_examples(seed: int, split: str, count: int) -> Iterator[dict[str, Any]]:
     """The examples of one split as feature dicts (image, image_id, description, captions)."""
-    # Separate streams: the scenes of a split do not depend on how images or captions are drawn.
-    scene_rng, pixel_rng, caption_rng = _split_rngs(seed, split)
+    # Separate streams: the scenes of a split do not depend on how images or captions are drawn,
+    # and the low-resource language's captions have their own, so the others are what they were
+    # before it existed.
+    scene_rng, pixel_rng, caption_rng, low_resource_rng = _split_rngs(seed, split)
     drawn = scenes.sample_scenes(scene_rng, count, unique=split in UNIQUE_SPLITS)
+    captioned = tuple(language for language in LANGUAGES if language != LOW_RESOURCE_LANGUAGE)
     for index, scene in enumerate(drawn):
+        example_captions = captions.scene_captions(scene, caption_rng, captioned)
+        # No training images are captioned in the low-resource language: only evaluation.
+        example_captions[LOW_RESOURCE_LANGUAGE] = (
+            [] if split == "train"
+            else captions.scene_captions(scene, low_resource_rng, (LOW_RESOURCE_LANGUAGE,))[
+                LOW_RESOURCE_LANGUAGE
+            ]
+        )
         yield {
             "image": scenes.render_scene(scene, pixel_rng),
             "image_id": index,
             "description": scenes.description(scene),
-            "captions": scenes.scene_captions(scene, caption_rng),
+            "captions": example_captions,
         }
 
 
 def _split_rngs(seed: int, split: str) -> list[np.random.Generator]:
-    """Independent (scene, pixel, caption) generators derived from (seed, split)."""
+    """Independent (scene, pixel, caption, low-resource caption) generators from (seed, split)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}")
     sequence = np.random.SeedSequence([seed, SPLITS.index(split)])
-    return [np.random.default_rng(child) for child in sequence.spawn(3)]
+    return [np.random.default_rng(child) for child in sequence.spawn(4)]
+
+
+def write_demo_translations(directory: str, seed: int, pairs_per_language: int) -> list[str]:
+    """`en-<xx>.tsv` for every other demo language: captions of fresh training-like scenes and
+    their translations (the same paraphrase template), one pair per line. Returns the paths."""
+    os.makedirs(directory, exist_ok=True)
+    paths = []
+    for index, target in enumerate(language for language in LANGUAGES if language != "en"):
+        rng = np.random.default_rng([seed, len(SPLITS), index])
+        path = os.path.join(directory, f"en-{target}.tsv")
+        with open(path + ".partial", "w", encoding="utf-8") as handle:
+            for scene in scenes.sample_scenes(rng, pairs_per_language):
+                source_text, target_text = captions.translation_pair(scene, rng, "en", target)
+                handle.write(f"{source_text}\t{target_text}\n")
+        os.replace(path + ".partial", path)  # never a half-written file under the final name
+        paths.append(path)
+    return paths
 
 
 class DemoScenes(tfds.core.GeneratorBasedBuilder):
-    """Shapes-and-captions scenes, 64x64 RGB, five captions in each of en/de/fr/es per image."""
+    """Shapes-and-captions scenes, 64x64 RGB, five captions per image in en/de/fr/es (and it,
+    outside the training split)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "First release.",
+        "1.1.0": "Italian captions for validation and test (the low-resource language).",
+    }
     BUILDER_CONFIGS = [DEFAULT_CONFIG]
     DEFAULT_BUILDER_CONFIG_NAME = "default"
 
@@ -135,7 +175,7 @@ def _config_metadata(config: DemoScenesConfig) -> dict[str, int]:
 
 
 def dataset_dir(builder: tfds.core.DatasetBuilder) -> str:
-    """The prepared dataset's folder (dataset_info.json): <data_dir>/demo_scenes/<name>/1.0.0."""
+    """The prepared dataset's folder (dataset_info.json): <data_dir>/demo_scenes/<name>/1.1.0."""
     return os.fspath(builder.data_dir)
 
 
@@ -175,9 +215,27 @@ def prepare_demo_data(data_dir: str, config: DemoScenesConfig | None = None) -> 
             with _quiet_tfds():  # reopen, so the builder reads what was written
                 builder = DemoScenes(config=config, data_dir=data_dir, file_format="array_record")
         _check_matches_config(builder, config)
+        translations = prepare_demo_translations(data_dir, config)
         if not os.path.isfile(demo_tokenizer_path(builder)):
-            _train_demo_tokenizer(builder, data_dir)
+            _train_demo_tokenizer(builder, translations, data_dir)
     return builder
+
+
+def prepare_demo_translations(data_dir: str, config: DemoScenesConfig):
+    """The demo's translation pairs as a prepared `TranslationPairs` dataset (built on first use)."""
+    tsv_dir = os.path.join(data_dir, TRANSLATIONS_FOLDER, config.name)
+    name = f"demo_{config.name}"
+    with _quiet_tfds():
+        existing = translation_pairs.open_prepared(data_dir, name)
+    if existing is not None:
+        return existing
+    if not os.path.isdir(tsv_dir) or len(os.listdir(tsv_dir)) < len(LANGUAGES) - 1:
+        # As many pairs per language as there are training images.
+        write_demo_translations(tsv_dir, config.seed, config.num_train)
+    with _quiet_tfds():
+        built = translation_pairs.prepare(tsv_dir, data_dir, name)
+    _remove_empty_download_folders(data_dir)
+    return built
 
 
 def _generate(builder: DemoScenes, data_dir: str) -> None:
@@ -211,7 +269,11 @@ def _generate(builder: DemoScenes, data_dir: str) -> None:
             "pass a writable directory with 100 MB free"
         ) from error
     print(f" done in {time.perf_counter() - start:.1f} s", flush=True)
-    # tfds's download manager leaves an empty downloads/extracted behind: nothing was downloaded.
+    _remove_empty_download_folders(data_dir)
+
+
+def _remove_empty_download_folders(data_dir: str) -> None:
+    """tfds's download manager leaves an empty downloads/extracted behind: nothing was downloaded."""
     for empty in ("downloads/extracted", "downloads"):
         with contextlib.suppress(OSError):  # not empty (other datasets use it) or already gone
             os.rmdir(os.path.join(data_dir, empty))
@@ -247,18 +309,25 @@ def _check_matches_config(builder: DemoScenes, config: DemoScenesConfig) -> None
         )
 
 
-def _train_demo_tokenizer(builder: DemoScenes, data_dir: str) -> None:
-    """Trains the WordPiece tokenizer on the training captions of all languages and saves it."""
+def _train_demo_tokenizer(builder: DemoScenes, translations, data_dir: str) -> None:
+    """Trains one WordPiece tokenizer for every language on the training captions and the
+    translation pairs (the only text of the low-resource language), and saves it."""
     source = builder.as_data_source(split="train")
+    pair_sources = translation_pairs.pair_sources(translations)
 
-    def captions() -> Iterator[str]:
+    def texts() -> Iterator[str]:
         # Batched reads (`__getitems__`, the grain data-source protocol) are ~30% faster.
         for start in range(0, len(source), 512):
             for example in source.__getitems__(range(start, min(start + 512, len(source)))):
-                for texts in example["captions"].values():
-                    yield from (text.decode("utf-8") for text in texts)
+                for language_captions in example["captions"].values():
+                    yield from (text.decode("utf-8") for text in language_captions)
+        for pairs in pair_sources.values():
+            for start in range(0, len(pairs), 512):
+                for example in pairs.__getitems__(range(start, min(start + 512, len(pairs)))):
+                    yield example["source"].decode("utf-8")
+                    yield example["target"].decode("utf-8")
 
-    tokenizer = tokenizer_lib.train_wordpiece_tokenizer(captions(), vocab_size=TOKENIZER_VOCAB_SIZE)
+    tokenizer = tokenizer_lib.train_wordpiece_tokenizer(texts(), vocab_size=TOKENIZER_VOCAB_SIZE)
     try:
         tokenizer_lib.TextTokenizer(tokenizer).save(demo_tokenizer_path(builder))
     except OSError as error:
@@ -303,7 +372,7 @@ def load_prepared_dataset(dataset_dir: str) -> tfds.core.DatasetBuilder:
         raise UserError(
             f"{dataset_dir} is not a prepared tensorflow-datasets directory (no "
             "dataset_info.json): pass the folder that holds it, "
-            f"e.g. <data_dir>/demo_scenes/default/1.0.0{hint}"
+            f"e.g. <data_dir>/demo_scenes/default/1.1.0{hint}"
         )
     try:
         return tfds.builder_from_directory(dataset_dir)

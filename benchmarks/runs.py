@@ -1,0 +1,24 @@
+"""Shared by the benchmarks that compare whole training runs: one `vlretrieval train` subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+
+def train_and_read_results(config: str, workdir: str, data_dir: str, extra=(), devices: int = 1) -> dict:
+    """Runs `vlretrieval train` (which evaluates at the end) on `devices` fake CPU devices and
+    returns its results.json plus the wall time."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    started = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "vlretrieval.cli", "train", "--config", config, "--workdir", workdir,
+         "--data_dir", data_dir, "--no_progress", *extra],
+        check=True, env=env,
+    )
+    with open(os.path.join(workdir, "results.json")) as handle:
+        results = json.load(handle)
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    return results

@@ -1,0 +1,36 @@
+"""MURAL on the demo data: image-text pairs plus translation pairs through one text tower.
+
+Italian is the low-resource language: no training image has an Italian caption; the model only
+sees Italian in translation pairs with English. Evaluation ranks the test images with the captions
+of all five languages.
+  vlretrieval train --config configs/mural_demo.py --workdir workdir/mural            # multitask
+  vlretrieval train --config configs/mural_demo.py:baseline --workdir workdir/baseline  # image-text only
+  python benchmarks/mural_lowres.py   # both, side by side
+"""
+
+import os
+
+from vlretrieval.config import load_config_file
+
+VARIANTS = ("multitask", "baseline", "tiny", "tiny_baseline")
+
+
+def _demo_config(arg):
+    """configs/demo.py's config (with the same argument), which this experiment modifies."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
+    return load_config_file(f"{path}:{arg}" if arg else path)
+
+
+def get_config(arg=None):
+    variant = arg or "multitask"
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown argument {arg!r}; use one of {VARIANTS}")
+    config = _demo_config("tiny" if variant.startswith("tiny") else None)
+    config.data.languages = ("en", "de", "fr", "es", "it")  # it: evaluation captions only
+    multitask = not variant.endswith("baseline")
+    config.objectives.text_text = 1.0 if multitask else 0.0
+    config.objectives.text_text_temperature = 0.0  # share the image-text temperature
+    config.objectives.text_text_margin = 0.0
+    config.bitext.batch_size = config.train.batch_size
+    config.bitext.language_pairs = ("en-de", "en-fr", "en-es", "en-it")
+    return config
