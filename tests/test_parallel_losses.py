@@ -28,6 +28,10 @@ VARIANTS = {
     "weighted_sum": {"reweighted_contrastive": 0.5, "hardest_negative_hinge": 0.25, **WITH_COMPOSED},
     "weighted_sum_sigmoid": {"contrastive_loss": "sigmoid", "reweighted_contrastive": 0.5,
                              "hardest_negative_hinge": 0.25},
+    # MURAL: translation pairs through the same machinery, LaBSE's margin, a fixed temperature.
+    "text_text": {"contrastive": 0.0, "text_text": 1.0, "text_text_margin": 0.2,
+                  "text_text_temperature": 0.05},
+    "image_text_and_text_text": {"text_text": 0.5, "text_text_margin": 0.1},
 }
 
 
@@ -47,6 +51,10 @@ def _tower_outputs(variant, seed=0):
     if VARIANTS[variant].get("composed_text_negatives"):
         outputs["extra_text_negatives"] = _unit(rng.normal(size=(GLOBAL_BATCH, DIM)))
         outputs["extra_image_negatives"] = _unit(images + 0.5 * rng.normal(size=(GLOBAL_BATCH, DIM)))
+    if VARIANTS[variant].get("text_text"):
+        sources = _unit(rng.normal(size=(GLOBAL_BATCH, DIM)))
+        outputs["bitext_source_embeddings"] = sources
+        outputs["bitext_target_embeddings"] = _unit(sources + 0.8 * rng.normal(size=(GLOBAL_BATCH, DIM)))
     batch = {"negative_valid": (rng.random(GLOBAL_BATCH) < 0.75).astype(np.int32)}
     return jax.tree.map(jnp.asarray, outputs), jax.tree.map(jnp.asarray, batch)
 
@@ -70,7 +78,8 @@ def test_cross_device_tower_loss_equals_the_full_batch(variant, devices):
     sharded = jax.device_put((outputs, batch), jax.tree.map(per_example, (outputs, batch)))
     got = jax.jit(jax.value_and_grad(_tower_loss(variant, parallel.CrossDeviceLosses(mesh))))(*sharded)
     assert_close_relative(got, reference)
-    assert (float(reference[1]["logit_scale"]) != 0.0) == (variant != "hinge")  # hinge: cosines
+    # The hinge uses cosines; the text-text-only variant its own fixed temperature.
+    assert (float(reference[1]["logit_scale"]) != 0.0) == (variant not in ("hinge", "text_text"))
     assert (float(reference[1]["logit_bias"]) != 0.0) == ("sigmoid" in variant)
 
 
@@ -106,3 +115,11 @@ def test_hand_written_block_gradients_equal_autodiff(diagonal):
     )(images, texts, scale, bias)
     by_hand = losses.sigmoid_block_backward(images, texts, scale, bias, coefficient, diagonal)
     assert_close_relative(by_hand, autodiff)
+
+
+def test_text_text_loss_is_symmetric_in_its_two_sides():
+    outputs, batch = _tower_outputs("text_text")
+    loss = _tower_loss("text_text", losses)
+    swapped = dict(outputs, bitext_source_embeddings=outputs["bitext_target_embeddings"],
+                   bitext_target_embeddings=outputs["bitext_source_embeddings"])
+    assert float(loss(swapped, batch)) == pytest.approx(float(loss(outputs, batch)), rel=1e-6)
