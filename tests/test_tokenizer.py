@@ -149,3 +149,36 @@ def test_load_errors_name_the_path(tmp_path):
 
 def test_special_tokens_constant_matches_training():
     assert tokenizer_lib.SPECIAL_TOKENS[0] == "[PAD]"
+
+
+def test_a_hugging_face_folder_encodes_as_transformers_does(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a local folder: nothing may be fetched
+    transformers = pytest.importorskip("transformers")
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer.tokenizer, unk_token="[UNK]", pad_token="[PAD]",
+        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+    )
+    fast.save_pretrained(str(tmp_path))
+    reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    texts = [CAPTION, "Un piccolo cerchio rosso a sinistra di una croce.", "Ein großer Kreis."]
+    ids, mask = load_tokenizer(str(tmp_path)).encode(texts, 40)
+    for row, text in enumerate(texts):
+        expected = reference(text)["input_ids"]
+        assert ids[row][: mask[row].sum()].tolist() == expected
+
+
+def test_a_sentencepiece_model_encodes_as_sentencepiece_does(texts, tmp_path):
+    sentencepiece = pytest.importorskip("sentencepiece")
+    prefix = str(tmp_path / "spiece")
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_prefix=prefix, vocab_size=120, model_type="unigram",
+        pad_id=3, unk_id=0, bos_id=1, eos_id=2,
+    )
+    reference = sentencepiece.SentencePieceProcessor(model_file=prefix + ".model")
+    sample = texts[:5] + ["Un piccolo cerchio rosso."]
+    for source in (prefix + ".model", str(tmp_path)):  # the file, or a folder holding spiece.model
+        loaded = load_tokenizer(source)
+        ids, mask = loaded.encode(sample, 160)
+        assert loaded.pad_id == 3
+        for row, text in enumerate(sample):
+            assert ids[row][: mask[row].sum()].tolist() == [1, *reference.encode(text), 2]

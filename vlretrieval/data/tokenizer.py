@@ -7,6 +7,7 @@ fixed-shape int32 arrays (ids and mask) ready to be stacked into a batch and sha
 from __future__ import annotations
 
 import os
+import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -185,14 +186,27 @@ def _first_id(tokenizer: tokenizers.Tokenizer, names: Sequence[str]) -> int | No
     return None
 
 
+SENTENCEPIECE_NAMES = ("spiece.model", "sentencepiece.bpe.model", "sentencepiece.model", "tokenizer.model")
+
+
 def load_tokenizer(path: str) -> TextTokenizer:
-    """Loads a tokenizer.json file, or a Hugging Face folder holding one; never downloads."""
+    """Loads a tokenizer from a local path; never downloads.
+
+    `path` is a `tokenizer.json`, a Hugging Face folder holding one, a SentencePiece (unigram)
+    `.model` file, or a folder holding only such a model (e.g. spiece.model).
+    """
     location = Path(path)
     if not location.exists():
         raise UserError(
             f"tokenizer path {path} does not exist: "
             "pass a tokenizer.json file or a folder holding one"
         )
+    if location.is_dir() and not (location / "tokenizer.json").is_file():
+        models_here = [location / name for name in SENTENCEPIECE_NAMES if (location / name).is_file()]
+        if models_here:
+            location = models_here[0]
+    if location.suffix == ".model":
+        return _load_sentencepiece(location)
     file = location / "tokenizer.json" if location.is_dir() else location
     if not file.is_file():
         raise UserError(
@@ -207,3 +221,28 @@ def load_tokenizer(path: str) -> TextTokenizer:
             f"cannot parse tokenizer file {file} ({reason}): pass a Hugging Face tokenizer.json"
         ) from error
     return TextTokenizer(tokenizer, source=f"tokenizer {file}")
+
+
+def _load_sentencepiece(file: Path) -> TextTokenizer:
+    """A SentencePiece unigram model as a `tokenizers` tokenizer (same pieces, same ids), with
+    `<s> text </s>` added around every text as XLM-R and mT5-style encoders expect."""
+    try:
+        # `from_spm` imports the model's protobuf schema as a top-level module; the sentencepiece
+        # package ships it as a submodule, so point the name at that.
+        from sentencepiece import sentencepiece_model_pb2
+
+        sys.modules.setdefault("sentencepiece_model_pb2", sentencepiece_model_pb2)
+        tokenizer = tokenizers.SentencePieceUnigramTokenizer.from_spm(os.fspath(file))
+    except Exception as error:  # protobuf / sentencepiece missing, or not a unigram model
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UserError(
+            f"cannot read SentencePiece model {file} ({reason}): it must be a unigram model, "
+            "and the sentencepiece and protobuf packages must be installed"
+        ) from error
+    start, end = _first_id(tokenizer, _CLS_NAMES), _first_id(tokenizer, _SEP_NAMES)
+    if start is not None and end is not None:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{tokenizer.id_to_token(start)} $A {tokenizer.id_to_token(end)}",
+            special_tokens=[(tokenizer.id_to_token(start), start), (tokenizer.id_to_token(end), end)],
+        )
+    return TextTokenizer(tokenizer, source=f"SentencePiece model {file}")
