@@ -1,6 +1,6 @@
 """Retrieval losses as pure functions of embeddings and logits: no collectives, no mesh axes.
 
-`parallel.py` wraps these for cross-device use; here every function sees whole arrays. Rows are
+`parallel/cross_device.py` wraps these for cross-device use; here every function sees whole arrays. Rows are
 queries (images), columns keys (texts); row r's positive is column `first_positive + r`, which is
 how a device scores its local rows against the gathered global columns. Composed hard negatives
 (one per example, see `negatives.py`) are extra columns for every row.
@@ -196,7 +196,7 @@ def masked_language_model_loss(
     return (per_token * weights).sum() / count, accuracy
 
 
-# Block math for the rings in `parallel.py`: a device's b query rows against one b-row block of
+# Block math for the rings in `parallel/cross_device.py`: a device's b query rows against one b-row block of
 # keys at a time, with hand-written gradients so that no block outlives its ring step. Key sets are
 # tuples of (keys [b, d], valid [b] float 0/1); set 0 holds the positives (the home block diagonal).
 
