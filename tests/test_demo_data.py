@@ -99,9 +99,9 @@ def test_every_caption_names_every_object_and_the_relation():
     horizontal, vertical = {"left", "right"}, {"above", "below", "top", "bottom"}
     assert {len(scene.objects) for scene in drawn} == {1, 2, 3}
     for scene in drawn:
-        for language, captions in captions.scene_captions(scene, rng).items():
+        for language, texts in captions.scene_captions(scene, rng).items():
             forms = captions.WORD_FORMS[language]
-            for caption in captions:
+            for caption in texts:
                 for obj in scene.objects:
                     for kind, value in (("colour", obj.colour), ("shape", obj.shape),
                                         ("size", obj.size)):
