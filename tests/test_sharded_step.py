@@ -19,7 +19,7 @@ from vlretrieval import losses, parallel
 from vlretrieval.accumulate import accumulated_value_and_grad
 from vlretrieval.errors import UserError
 from vlretrieval.models import build_model, init_params
-from vlretrieval.objectives import check_objectives, make_objective
+from vlretrieval.objectives import check_objectives, make_objective, split_loss_rng
 
 VOCAB, BATCH = 40, 16
 WITH_COMPOSED = {"composed_text_negatives": True, "composed_image_negatives": True}
@@ -136,7 +136,7 @@ def test_accumulated_micro_batches_equal_the_large_batch(variant, devices, steps
     mesh = parallel.make_mesh(devices)
     make = functools.partial(make_objective, model, config, patch_size=8, mask_id=4, vocab_size=VOCAB)
     rng = jax.random.PRNGKey(1)
-    tower_rng = jax.random.split(rng, 3)[0]
+    tower_rng = split_loss_rng(rng)[0]
     (reference_loss, _), reference_grads = jax.jit(jax.value_and_grad(make().loss, has_aux=True))(
         params, _batch(), rng
     )

@@ -120,6 +120,12 @@ class Objective:
     uses_joint_terms: bool
 
 
+def split_loss_rng(rng: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(tower, ITM, MLM) keys of one step: `Objective.loss` and gradient accumulation must agree."""
+    tower_rng, itm_rng, mlm_rng = jax.random.split(rng, 3)
+    return tower_rng, itm_rng, mlm_rng
+
+
 def _applier(model, params, dropout_rng):
     def apply(*args, method):
         return model.apply(
@@ -218,7 +224,7 @@ def make_objective(
         return total, metrics
 
     def loss(params, batch: dict[str, jax.Array], rng: jax.Array):
-        tower_rng, itm_rng, mlm_rng = jax.random.split(rng, 3)
+        tower_rng, itm_rng, mlm_rng = split_loss_rng(rng)
         outputs = tower_outputs(params, batch, tower_rng)
         total, metrics = tower_loss(outputs, batch) if use_tower_terms else (0.0, {})
         metrics["logit_scale"] = outputs["logit_scale"]

@@ -84,7 +84,7 @@ def make_train_step(objective, tx, schedule, *, accumulation_steps: int = 1, mes
     def gradients(params, batch, rng):
         if accumulation_steps == 1:
             return jax.value_and_grad(objective.loss, has_aux=True)(params, batch, rng)
-        tower_rng = jax.random.split(rng, 3)[0]  # as `objective.loss` derives it
+        tower_rng = objectives.split_loss_rng(rng)[0]
         return accumulated_value_and_grad(
             objective, params, batch, tower_rng, accumulation_steps,
             split=lambda tree: parallel.split_microbatches(tree, accumulation_steps, mesh),

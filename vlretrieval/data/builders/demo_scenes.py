@@ -309,6 +309,13 @@ def _check_matches_config(builder: DemoScenes, config: DemoScenesConfig) -> None
         )
 
 
+def _read_all(source, chunk: int = 512) -> Iterator[dict[str, Any]]:
+    """Every record of a data source, in order. Batched reads (`__getitems__`, the grain
+    data-source protocol) are ~30% faster than one at a time."""
+    for start in range(0, len(source), chunk):
+        yield from source.__getitems__(range(start, min(start + chunk, len(source))))
+
+
 def _train_demo_tokenizer(builder: DemoScenes, translations, data_dir: str) -> None:
     """Trains one WordPiece tokenizer for every language on the training captions and the
     translation pairs (the only text of the low-resource language), and saves it."""
@@ -316,16 +323,13 @@ def _train_demo_tokenizer(builder: DemoScenes, translations, data_dir: str) -> N
     pair_sources = translation_pairs.pair_sources(translations)
 
     def texts() -> Iterator[str]:
-        # Batched reads (`__getitems__`, the grain data-source protocol) are ~30% faster.
-        for start in range(0, len(source), 512):
-            for example in source.__getitems__(range(start, min(start + 512, len(source)))):
-                for language_captions in example["captions"].values():
-                    yield from (text.decode("utf-8") for text in language_captions)
+        for example in _read_all(source):
+            for language_captions in example["captions"].values():
+                yield from (text.decode("utf-8") for text in language_captions)
         for pairs in pair_sources.values():
-            for start in range(0, len(pairs), 512):
-                for example in pairs.__getitems__(range(start, min(start + 512, len(pairs)))):
-                    yield example["source"].decode("utf-8")
-                    yield example["target"].decode("utf-8")
+            for example in _read_all(pairs):
+                yield example["source"].decode("utf-8")
+                yield example["target"].decode("utf-8")
 
     tokenizer = tokenizer_lib.train_wordpiece_tokenizer(texts(), vocab_size=TOKENIZER_VOCAB_SIZE)
     try:
