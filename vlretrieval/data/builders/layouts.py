@@ -1,0 +1,438 @@
+"""Readers for the published on-disk layouts of image-caption retrieval benchmarks.
+
+Each layout becomes one stream of `SourceRecord`s (split, image path, image id, captions by
+language) for the image-caption builder. Point `source_dir` at the directory the benchmark
+unpacks to; `images_dir` defaults to `<source_dir>/images` (to `source_dir` for "jsonl"):
+
+  karpathy        dataset_coco.json, dataset_flickr30k.json or dataset_flickr8k.json (Karpathy's
+                  splits); COCO images in images/train2014/ and images/val2014/, Flickr flat.
+  crossmodal3600  captions.jsonl (Crossmodal-3600); images/<image/key>.jpg.
+  xtd10           a checkout of adobe-research/Cross-lingual-Test-Dataset-XTD10:
+                  XTD10/test_image_names.txt and test_1kcaptions_<lang>.txt in XTD10/, MIC/, STAIR/;
+                  the MSCOCO 2014 images it names, flat in images/.
+  multi30k        a checkout of multi30k/dataset: data/task1/image_splits/<split>.txt and
+                  data/task1/raw/<split>.<lang>[.gz]; Flickr30K images flat in images/.
+  jsonl           your own captions.jsonl; images relative to source_dir.
+
+Readers check the text files only: a missing or corrupt image is the builder's to count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from vlretrieval.errors import UserError
+
+LAYOUTS = ("karpathy", "crossmodal3600", "xtd10", "multi30k", "jsonl")
+
+# Options each layout takes, with the type a value must have (None is always allowed).
+_OPTIONS: dict[str, dict[str, type]] = {
+    "karpathy": {"annotation": str, "restval_to_train": bool},
+    "crossmodal3600": {},
+    "xtd10": {},
+    "multi30k": {"coco_images_dir": str},
+    "jsonl": {"language": str},
+}
+
+# tfds takes letters, digits and underscores in a split name; the published "val" becomes the
+# tfds spelling so every layout's validation split has one name.
+_SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+_SPLIT_RENAMES = {"val": "validation"}
+# ISO 639 codes, optionally with a region or script: "en", "fil", "pt_BR", "zh_Hant".
+_LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}(_[A-Za-z]{2,4})?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceRecord:
+    """One image and its captions. Every record of a layout holds every language of
+    `layout_languages`, with an empty list where the image has no caption in it."""
+
+    split: str  # tfds split name: "train", "validation", "test", "restval" or the layout's own
+    image_path: str  # absolute; the file may be missing or corrupt (the builder counts that)
+    image_id: str  # stable id of the image within the dataset
+    captions: dict[str, list[str]]  # language code -> raw captions in file order, empty ones kept
+
+
+def layout_languages(layout: str, source_dir: str, **options: Any) -> tuple[str, ...]:
+    """Sorted language codes the layout's files hold (reads them through)."""
+    return _scan(layout, source_dir, options)[1]
+
+
+def layout_splits(layout: str, source_dir: str, **options: Any) -> tuple[str, ...]:
+    """Split names the records will have, in the order they first appear (reads the files through)."""
+    return _scan(layout, source_dir, options)[0]
+
+
+def read_layout(
+    layout: str, source_dir: str, images_dir: str | None = None, **options: Any
+) -> Iterator[SourceRecord]:
+    """Every record of every split, in file order. A bad layout, option or directory raises
+    here; a missing or malformed annotation file raises while iterating, naming file and line."""
+    if layout not in LAYOUTS:
+        raise UserError(f"unknown dataset layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
+    _check_options(layout, options)
+    if not os.path.isdir(source_dir):
+        raise UserError(f"source directory {source_dir} does not exist")
+    if images_dir is None:
+        images_dir = os.path.join(source_dir, "" if layout == "jsonl" else "images")
+    return _READERS[layout](os.path.abspath(source_dir), os.path.abspath(images_dir), **options)
+
+
+def _check_options(layout: str, options: dict[str, Any]) -> None:
+    allowed = _OPTIONS[layout]
+    for name, value in options.items():
+        if name not in allowed:
+            known = ", ".join(allowed) or "none"
+            raise UserError(f"layout {layout!r} has no option {name!r} (its options: {known})")
+        if value is not None and not isinstance(value, kind := allowed[name]):
+            raise UserError(f"option {name} of layout {layout!r} must be a {kind.__name__}")
+
+
+def _scan(layout: str, source_dir: str, options: dict[str, Any]) -> tuple[tuple[str, ...], ...]:
+    splits: dict[str, None] = {}  # an ordered set
+    languages: set[str] = set()
+    for record in read_layout(layout, source_dir, **options):
+        splits.setdefault(record.split)
+        languages.update(record.captions)
+    return tuple(splits), tuple(sorted(languages))
+
+
+# --- reading files -------------------------------------------------------------------------------
+
+
+def _require_file(path: str, what: str) -> str:
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path} not found")
+    return path
+
+
+def _read_lines(path: str) -> list[str]:
+    """The lines of a UTF-8 text file (gzipped if its name ends in .gz). Only "\\n" ends a line:
+    str.splitlines would also split at Unicode separators a caption may contain."""
+    opener: Callable[..., Any] = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8-sig", newline="") as handle:
+            text = handle.read()
+    except (OSError, EOFError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: cannot be read as UTF-8 text ({error})") from None
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the newline that ends the last line starts no new one
+    return [line.removesuffix("\r") for line in lines]
+
+
+def _load_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8-sig") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path}, line {error.lineno}: not valid JSON ({error.msg})") from None
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: cannot be read as UTF-8 text ({error})") from None
+
+
+def _json_lines(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-blank line of a JSON-lines file."""
+    for number, line in enumerate(_read_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
+        if not isinstance(value, dict):
+            raise UserError(f"{path}, line {number}: expected a JSON object")
+        yield number, value
+
+
+def _field(entry: Any, name: str, where: str, kind: type = object) -> Any:
+    if not isinstance(entry, dict) or name not in entry:
+        raise UserError(f"{where}: no {name!r} field")
+    if not isinstance(entry[name], kind):
+        raise UserError(f"{where}: {name!r} must be a {kind.__name__}")
+    return entry[name]
+
+
+def _strings(value: Any, where: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(text, str) for text in value):
+        raise UserError(f"{where}: expected a list of caption strings")
+    return list(value)
+
+
+def _split_name(name: Any, where: str) -> str:
+    split = _SPLIT_RENAMES.get(name, name)
+    if not isinstance(split, str) or not _SPLIT_NAME.match(split):
+        raise UserError(f"{where}: split {name!r} is not a name tfds takes (letters, digits, _)")
+    return split
+
+
+def _check_language(code: Any, where: str) -> str:
+    if not isinstance(code, str) or not _LANGUAGE_CODE.match(code):
+        raise UserError(f"{where}: {code!r} is not a language code like en, fil or pt_BR")
+    return code
+
+
+def _image_names(path: str) -> list[str]:
+    """File names listed one a line. Multi30K's test_2017_mscoco adds "#<id>" (the COCO caption
+    that was translated), which is not part of the file name."""
+    names = [line.split("#", 1)[0].strip() for line in _read_lines(path)]
+    for number, name in enumerate(names, start=1):
+        if not name:
+            raise UserError(f"{path}, line {number}: an empty image name")
+    return names
+
+
+def _aligned_lines(path: str, list_path: str, count: int) -> list[str]:
+    """One caption a line, one line for each image of `list_path`."""
+    lines = _read_lines(path)
+    if len(lines) != count:
+        raise UserError(
+            f"{path} has {len(lines)} lines but {list_path} lists {count} images: "
+            "the files must align line by line"
+        )
+    return lines
+
+
+# --- karpathy ------------------------------------------------------------------------------------
+
+
+def _karpathy_annotation(source_dir: str, annotation: str | None) -> str:
+    """The annotation file picked by name, else the one dataset_*.json in source_dir."""
+    if annotation is not None:
+        return _require_file(os.path.join(source_dir, annotation), "Karpathy annotation file")
+    found = sorted(str(path) for path in Path(source_dir).glob("dataset_*.json"))
+    if not found:
+        raise UserError(
+            f"{source_dir} holds no Karpathy annotation file: expected dataset_coco.json, "
+            "dataset_flickr30k.json or dataset_flickr8k.json"
+        )
+    if len(found) > 1:
+        names = ", ".join(Path(path).name for path in found)
+        raise UserError(f"{source_dir} holds {names}: pick one with the option annotation=<name>")
+    return found[0]
+
+
+def _read_karpathy(
+    source_dir: str, images_dir: str, annotation: str | None = None, restval_to_train: bool = False
+) -> Iterator[SourceRecord]:
+    """Karpathy's splits: {"images": [{"filename", "split", "sentences": [{"raw", ...}], ...}]}.
+    COCO entries add "filepath" (train2014/val2014) and "cocoid". "restval" (COCO's 30k images
+    outside the 5k val/test) is its own split unless `restval_to_train` folds it into train."""
+    path = _karpathy_annotation(source_dir, annotation)
+    images = _field(_load_json(path), "images", path, list)
+    for index, entry in enumerate(images):
+        where = f"{path}, images[{index}]"
+        filename = _field(entry, "filename", where, str)
+        split = _field(entry, "split", where, str)
+        if split == "restval" and restval_to_train:
+            split = "train"
+        sentences = _field(entry, "sentences", where, list)
+        captions = [_field(sentence, "raw", f"{where}.sentences", str) for sentence in sentences]
+        # COCO's own id is stable across releases; Flickr has none, but its file names are ids.
+        image_id = str(entry["cocoid"]) if "cocoid" in entry else Path(filename).stem
+        relative = os.path.join(entry.get("filepath") or "", filename)
+        yield SourceRecord(
+            _split_name(split, where),
+            os.path.join(images_dir, relative),
+            image_id,
+            {"en": captions},
+        )
+
+
+# --- crossmodal3600 ------------------------------------------------------------------------------
+
+
+def _read_crossmodal3600(source_dir: str, images_dir: str) -> Iterator[SourceRecord]:
+    """captions.jsonl: one image a line, {"image/key": ..., "image/locale": ..., "<lang>":
+    {"caption": [...], "caption/tokenized": [...], ...}, ...}; one split, "test"."""
+    path = _require_file(os.path.join(source_dir, "captions.jsonl"), "Crossmodal-3600 captions")
+    rows = []
+    for number, line in _json_lines(path):
+        where = f"{path}, line {number}"
+        key = _field(line, "image/key", where, str)
+        # Every object-valued field is a language; the others ("image/key", "image/locale")
+        # describe the image. Raw captions only: the tokenized ones are derived from them.
+        captions = {
+            _check_language(language, where): _strings(
+                _field(value, "caption", f"{where}, {language!r}"), f"{where}, {language!r}"
+            )
+            for language, value in line.items()
+            if isinstance(value, dict)
+        }
+        rows.append((key, captions))
+    languages = sorted({language for _, captions in rows for language in captions})
+    for key, captions in rows:
+        image_path = os.path.join(images_dir, f"{key}.jpg")
+        yield SourceRecord(
+            "test", image_path, key, {lang: captions.get(lang, []) for lang in languages}
+        )
+
+
+# --- xtd10 ---------------------------------------------------------------------------------------
+
+# Where the repository keeps caption files, in order of precedence when a language is in two
+# (MIC/ repeats English): XTD10/ holds the XTD languages, MIC/ de, fr, en, STAIR/ Japanese.
+_XTD10_FOLDERS = ("", "XTD10", "MIC", "STAIR")
+_XTD10_CAPTIONS = re.compile(r"^test_1kcaptions_([A-Za-z_]+)\.txt$")
+# STAIR's file says "jp"; ISO 639-1 (and Crossmodal-3600) say "ja", so both name one language.
+_XTD10_LANGUAGES = {"jp": "ja"}
+
+
+def _xtd10_files(source_dir: str) -> tuple[str, dict[str, str]]:
+    """(image list, {language: caption file})."""
+    lists = [os.path.join(source_dir, folder, "test_image_names.txt") for folder in ("XTD10", "")]
+    names = next((path for path in lists if os.path.isfile(path)), None)
+    if names is None:
+        raise UserError(f"XTD10 image list {lists[0]} not found")
+    files: dict[str, str] = {}
+    for folder in _XTD10_FOLDERS:
+        directory = os.path.join(source_dir, folder)
+        for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else ():
+            if match := _XTD10_CAPTIONS.match(name):
+                language = _XTD10_LANGUAGES.get(match[1], match[1])
+                files.setdefault(language, os.path.join(directory, name))
+    if not files:
+        raise UserError(f"no XTD10 caption files test_1kcaptions_<lang>.txt under {source_dir}")
+    return names, files
+
+
+def _read_xtd10(source_dir: str, images_dir: str) -> Iterator[SourceRecord]:
+    """One caption per image and language, aligned by line with test_image_names.txt; "test"."""
+    list_path, files = _xtd10_files(source_dir)
+    names = _image_names(list_path)
+    captions = {
+        _check_language(language, path): _aligned_lines(path, list_path, len(names))
+        for language, path in sorted(files.items())
+    }
+    for index, name in enumerate(names):
+        yield SourceRecord(
+            "test",
+            os.path.join(images_dir, name),
+            Path(name).stem,
+            {language: [lines[index]] for language, lines in captions.items()},
+        )
+
+
+# --- multi30k ------------------------------------------------------------------------------------
+
+_MULTI30K_SPLITS = (
+    "train", "val", "test_2016_flickr", "test_2017_flickr", "test_2017_mscoco", "test_2018_flickr"
+)  # fmt: skip
+# "train.de.gz", "val.en"; not the BPE or tokenized variants ("train.32k.en", "*.lc.norm.tok.*").
+_MULTI30K_RAW = re.compile(r"^(?P<split>\w+)\.(?P<language>[a-z]{2,3})(\.gz)?$")
+_COCO_2014_FILE = re.compile(r"^COCO_(train|val)2014_")
+
+
+def _multi30k_task1(source_dir: str) -> str:
+    """data/task1 of a repository checkout, or source_dir if it is that folder itself."""
+    for task1 in (os.path.join(source_dir, "data", "task1"), source_dir):
+        if os.path.isdir(os.path.join(task1, "image_splits")):
+            return task1
+    raise UserError(f"Multi30K image lists {source_dir}/data/task1/image_splits not found")
+
+
+def _multi30k_files(task1: str) -> dict[str, tuple[str, dict[str, str]]]:
+    """split -> (image list, {language: caption file}) for each split with a caption file,
+    in the published order."""
+    raw_dir = os.path.join(task1, "raw")
+    raw: dict[str, dict[str, str]] = {}
+    for name in sorted(os.listdir(raw_dir)) if os.path.isdir(raw_dir) else ():
+        if match := _MULTI30K_RAW.match(name):
+            # sorted() puts "val.en" before "val.en.gz": a decompressed copy wins.
+            raw.setdefault(match["split"], {}).setdefault(
+                match["language"], os.path.join(raw_dir, name)
+            )
+    lists = {path.stem: str(path) for path in Path(task1, "image_splits").glob("*.txt")}
+    known = {split: rank for rank, split in enumerate(_MULTI30K_SPLITS)}
+    order = sorted(lists, key=lambda split: (known.get(split, len(known)), split))
+    files = {split: (lists[split], raw[split]) for split in order if split in raw}
+    if not files:
+        raise UserError(
+            f"{raw_dir} holds no caption files <split>.<lang>[.gz] for {task1}/image_splits"
+        )
+    return files
+
+
+def _multi30k_image(name: str, images_dir: str, coco_images_dir: str) -> str:
+    # test_2017_mscoco names MSCOCO 2014 images, which COCO keeps in train2014/ and val2014/.
+    if match := _COCO_2014_FILE.match(name):
+        return os.path.join(coco_images_dir, f"{match[1]}2014", name)
+    return os.path.join(images_dir, name)
+
+
+def _read_multi30k(
+    source_dir: str, images_dir: str, coco_images_dir: str | None = None
+) -> Iterator[SourceRecord]:
+    """Task 1: one caption per image and language, aligned by line with the split's image list.
+    A language a split lacks (Czech in test_2017_*) gives that split's records an empty list.
+    test_2017_mscoco's images are read from <coco_images_dir>/train2014|val2014/ (default
+    images_dir, the folder a Karpathy COCO layout uses)."""
+    files = _multi30k_files(_multi30k_task1(source_dir))
+    languages = sorted({language for _, raw in files.values() for language in raw})
+    coco_images_dir = os.path.abspath(coco_images_dir) if coco_images_dir else images_dir
+    for split, (list_path, raw) in files.items():
+        names = _image_names(list_path)
+        captions = {lang: _aligned_lines(path, list_path, len(names)) for lang, path in raw.items()}
+        for index, name in enumerate(names):
+            image_path = _multi30k_image(name, images_dir, coco_images_dir)
+            by_language = {
+                lang: [captions[lang][index]] if lang in raw else [] for lang in languages
+            }
+            yield SourceRecord(
+                _split_name(split, list_path), image_path, Path(name).stem, by_language
+            )
+
+
+# --- jsonl ---------------------------------------------------------------------------------------
+
+
+def _jsonl_captions(line: dict[str, Any], language: str, where: str) -> dict[str, list[str]]:
+    if "captions" in line:
+        by_language = _field(line, "captions", where, dict)
+        return {
+            _check_language(code, where): _strings(texts, f"{where}, captions[{code!r}]")
+            for code, texts in by_language.items()
+        }
+    if "caption" in line:
+        code = _check_language(line.get("language", language), where)
+        return {code: [_field(line, "caption", where, str)]}
+    raise UserError(f"{where}: no 'captions' ({{language: [captions]}}) or 'caption' field")
+
+
+def _read_jsonl(source_dir: str, images_dir: str, language: str = "en") -> Iterator[SourceRecord]:
+    """captions.jsonl, one object a line: {"image": "<path under images_dir>", "captions":
+    {"en": [...], ...}, "split": "train"} or {"image": ..., "caption": "...", "language": "de"}.
+    split defaults to "train", language to the option `language`. Lines naming the same image in
+    the same split make one record, so a gallery holds each image once."""
+    _check_language(language, "option language")
+    path = _require_file(os.path.join(source_dir, "captions.jsonl"), "captions file")
+    merged: dict[tuple[str, str], dict[str, list[str]]] = {}
+    for number, line in _json_lines(path):
+        where = f"{path}, line {number}"
+        image = Path(os.path.normpath(_field(line, "image", where, str))).as_posix()
+        split = _split_name(line.get("split", "train"), where)
+        captions = merged.setdefault((split, image), {})
+        for code, texts in _jsonl_captions(line, language, where).items():
+            captions.setdefault(code, []).extend(texts)
+    languages = sorted({code for captions in merged.values() for code in captions})
+    for (split, image), captions in merged.items():
+        by_language = {code: captions.get(code, []) for code in languages}
+        yield SourceRecord(
+            split, os.path.abspath(os.path.join(images_dir, image)), image, by_language
+        )
+
+
+_READERS: dict[str, Callable[..., Iterator[SourceRecord]]] = {
+    "karpathy": _read_karpathy,
+    "crossmodal3600": _read_crossmodal3600,
+    "xtd10": _read_xtd10,
+    "multi30k": _read_multi30k,
+    "jsonl": _read_jsonl,
+}
