@@ -1,4 +1,4 @@
-"""`vlretrieval <command>`: prepare-data, train, eval, demo.
+"""`vlretrieval <command>`: prepare-data, train, eval, demo, convert.
 
 Every command takes `--config FILE[:ARG]` and any number of `--config.key=value` overrides.
 Bad input (an unknown config key, a missing file, an unwritable workdir, a diverged loss) ends with
@@ -60,6 +60,13 @@ def _parser() -> argparse.ArgumentParser:
         "the joint model before decomposition",
     )
     command("demo", "Train and evaluate the demo end to end and print the results table.")
+    convert_help = ("Convert checkpoints: a Hugging Face folder (BertModel, XLMRobertaModel, "
+                    "ViTModel, CLIPModel, ViltModel) to a vlretrieval run folder, or a "
+                    "vlretrieval checkpoint's towers to a Hugging Face folder.")
+    from vlretrieval.convert.command import add_arguments
+
+    add_arguments(commands.add_parser("convert", help=convert_help, description=convert_help),
+                  DEFAULT_CONFIG)
     return parser
 
 
@@ -86,6 +93,10 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 def run(argv: list[str]) -> int:
     rest, overrides = _split_overrides(argv)
     args = _parser().parse_args(rest)
+    if args.command == "convert":
+        from vlretrieval.convert.command import run_convert
+
+        return run_convert(args, overrides)
     if args.data_dir:
         overrides.insert(0, f"data.data_dir={args.data_dir}")
     if getattr(args, "init_from", None):

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from vlretrieval import objectives, parallel
 from vlretrieval.accumulate import accumulated_value_and_grad
 from vlretrieval.checkpoint import Checkpointer, has_checkpoint, load_params
+from vlretrieval.convert.initialise import initial_params
 from vlretrieval.data import datasets, pipeline
 from vlretrieval.errors import UserError
 from vlretrieval.evaluate import evaluate_split, format_table, subset, write_results
@@ -179,7 +180,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
         # A new run starting from another run's weights (e.g. the towers from a pre-trained joint
         # model): parameters only; the optimizer, step and data order start afresh. A resumed run
         # ignores it: its own checkpoint is newer.
-        params = load_params(config.train.init_from, state.params)
+        params = initial_params(config.train.init_from, state.params, config.model)
         state = state.replace(params=params, opt_state=tx.init(params))
         print(f"initialised the parameters from {config.train.init_from}")
     os.makedirs(workdir, exist_ok=True)  # only now: every input has been checked

@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 # BERT and ViT both initialise embeddings with a small normal; it keeps early logits tame.
 embedding_init = nn.initializers.normal(stddev=0.02)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEmbeddingConfig:
+    """Options of a text tower's embeddings (the defaults are BERT's)."""
+
+    type_vocab_size: int = 2  # 0: no token-type table (CLIP)
+    layer_norm: bool = True  # BERT normalises the embeddings; CLIP does not
+    layer_norm_eps: float = 1e-12
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageEmbeddingConfig:
+    """Options of an image tower's patch embeddings (the defaults are ViT's)."""
+
+    patch_bias: bool = True  # CLIP's patch projection has no bias
+    layer_norm: bool = False  # CLIP normalises the embeddings before the encoder ("pre-LN")
+    layer_norm_eps: float = 1e-5
 
 
 class TextEmbeddings(nn.Module):
@@ -55,6 +75,9 @@ class PatchEmbeddings(nn.Module):
     width: int
     class_token: bool = True
     dropout: float = 0.0
+    patch_bias: bool = True
+    layer_norm: bool = False
+    layer_norm_eps: float = 1e-5
 
     @property
     def num_patches(self) -> int:
@@ -69,13 +92,18 @@ class PatchEmbeddings(nn.Module):
                 f"{self.image_size}x{self.image_size}"
             )
         p = self.patch_size
-        x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", name="projection")(images)
+        x = nn.Conv(
+            self.width, (p, p), strides=(p, p), padding="VALID", use_bias=self.patch_bias,
+            name="projection",
+        )(images)
         x = x.reshape(batch, -1, self.width)
         if self.class_token:
             cls = self.param("class_token", embedding_init, (1, 1, self.width))
             x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)), x], axis=1)
         positions = self.param("position", embedding_init, (x.shape[1], self.width))
         x = x + positions[None]
+        if self.layer_norm:
+            x = nn.LayerNorm(epsilon=self.layer_norm_eps, name="norm")(x)
         return nn.Dropout(self.dropout)(x, deterministic=not train)
 
 

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from vlretrieval.errors import UserError
+from vlretrieval.models.embeddings import ImageEmbeddingConfig, TextEmbeddingConfig
 from vlretrieval.models.joint import JointConfig
 from vlretrieval.models.towers import POOLINGS, DecomposedVLTransformer, DualEncoder, TowerHead
 from vlretrieval.models.transformer import TransformerConfig
@@ -22,9 +23,17 @@ def _dataclass_from(cls, section: ml_collections.ConfigDict, where: str):
         raise UserError(f"config.{where}: {error}") from None
 
 
+def _optional_section(cls, config: ml_collections.ConfigDict, name: str):
+    """`config.<name>` as `cls`; configs written before the section existed get its defaults."""
+    section = config.get(name)
+    return cls() if section is None else _dataclass_from(cls, section, f"model.{name}")
+
+
 def build_model(config: ml_collections.ConfigDict, vocab_size: int):
     """`config` is the experiment's `model` section; `vocab_size` comes from the tokenizer."""
     head = _dataclass_from(TowerHead, config.head, "model.head")
+    text_embeddings = _optional_section(TextEmbeddingConfig, config, "text_embeddings")
+    image_embeddings = _optional_section(ImageEmbeddingConfig, config, "image_embeddings")
     for name in ("text_pooling", "image_pooling"):
         if getattr(head, name) not in POOLINGS:
             raise UserError(f"config.model.head.{name} must be one of {POOLINGS}")
@@ -35,6 +44,8 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int):
             max_text_length=config.max_text_length,
             image_size=config.image_size,
             patch_size=config.patch_size,
+            text_layer_norm_eps=text_embeddings.layer_norm_eps,
+            type_vocab_size=text_embeddings.type_vocab_size,
         )
         return DecomposedVLTransformer(joint, head)
     if config.kind == "dual":
@@ -50,6 +61,8 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int):
             image_size=config.image_size,
             patch_size=config.patch_size,
             head=head,
+            text_embeddings=text_embeddings,
+            image_embeddings=image_embeddings,
         )
     raise UserError(f"config.model.kind is {config.kind!r}; choose one of {MODEL_KINDS}")
 

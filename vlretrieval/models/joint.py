@@ -28,6 +28,7 @@ class JointConfig:
     image_size: int = 64
     patch_size: int = 8
     text_layer_norm_eps: float = 1e-12
+    type_vocab_size: int = 2
 
 
 class JointVLTransformer(nn.Module):
@@ -42,6 +43,7 @@ class JointVLTransformer(nn.Module):
             vocab_size=cfg.vocab_size,
             width=width,
             max_length=cfg.max_text_length,
+            type_vocab_size=cfg.type_vocab_size,
             layer_norm_eps=cfg.text_layer_norm_eps,
             dropout=cfg.transformer.dropout,
         )

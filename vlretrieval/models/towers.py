@@ -16,17 +16,26 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlretrieval.models.embeddings import PatchEmbeddings, TextEmbeddings
+from vlretrieval.models.embeddings import (
+    ImageEmbeddingConfig,
+    PatchEmbeddings,
+    TextEmbeddingConfig,
+    TextEmbeddings,
+)
 from vlretrieval.models.joint import JointConfig, JointVLTransformer
 from vlretrieval.models.transformer import Encoder, TransformerConfig
 
-POOLINGS = ("cls", "mean")
+POOLINGS = ("cls", "mean", "last")
 
 
 def pool(sequence: jax.Array, mask: jax.Array, method: str) -> jax.Array:
-    """Class-token pooling, or a mean over real tokens only (padding never counts)."""
+    """Class-token pooling, a mean over real tokens only (padding never counts), or the last real
+    token (CLIP's end-of-text token, which its tokenizer puts last)."""
     if method == "cls":
         return sequence[:, 0]
+    if method == "last":
+        last = jnp.maximum(mask.astype(jnp.int32).sum(axis=1) - 1, 0)
+        return jnp.take_along_axis(sequence, last[:, None, None], axis=1)[:, 0]
     if method == "mean":
         weights = mask.astype(sequence.dtype)[..., None]
         return (sequence * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1.0)
@@ -63,6 +72,9 @@ class TowerHead:
     # SigLIP's learnable logit bias (the sigmoid loss needs it; softmax is blind to it).
     logit_bias: bool = False
     initial_logit_bias: float = -10.0
+    # BERT/ViT poolers: a dense + tanh on the pooled token, before the projection.
+    text_pooler: bool = False
+    image_pooler: bool = False
 
 
 class _RetrievalModel(nn.Module):
@@ -71,20 +83,34 @@ class _RetrievalModel(nn.Module):
     Subclasses define `text_sequence`, `image_sequence`, `head` and the projections/scale.
     """
 
+    def pool_text(self, sequence: jax.Array, text_mask: jax.Array) -> jax.Array:
+        """The text tower's pooled output, before the projection."""
+        pooled = pool(sequence, text_mask, self.head.text_pooling)
+        return jnp.tanh(self.text_pooler(pooled)) if self.head.text_pooler else pooled
+
+    def pool_image(self, sequence: jax.Array) -> jax.Array:
+        """The image tower's pooled output, before the projection."""
+        mask = jnp.ones(sequence.shape[:2], jnp.int32)
+        pooled = pool(sequence, mask, self.head.image_pooling)
+        return jnp.tanh(self.image_pooler(pooled)) if self.head.image_pooler else pooled
+
     def encode_text(
         self, token_ids: jax.Array, text_mask: jax.Array, *, train: bool = False
     ) -> jax.Array:
         sequence = self.text_sequence(token_ids, text_mask, train=train)
-        return l2_normalize(self.text_projection(pool(sequence, text_mask, self.head.text_pooling)))
+        return l2_normalize(self.text_projection(self.pool_text(sequence, text_mask)))
 
     def encode_image(self, images: jax.Array, *, train: bool = False) -> jax.Array:
         sequence = self.image_sequence(images, train=train)
-        mask = jnp.ones(sequence.shape[:2], jnp.int32)
-        return l2_normalize(self.image_projection(pool(sequence, mask, self.head.image_pooling)))
+        return l2_normalize(self.image_projection(self.pool_image(sequence)))
 
     def make_heads(self):
         self.text_projection = nn.Dense(self.head.embed_dim, use_bias=False)
         self.image_projection = nn.Dense(self.head.embed_dim, use_bias=False)
+        if self.head.text_pooler:
+            self.text_pooler = nn.Dense(self.text_width)
+        if self.head.image_pooler:
+            self.image_pooler = nn.Dense(self.image_width)
         self.logit_scale = LogitScale(self.head.initial_temperature, self.head.max_logit_scale)
         if self.head.logit_bias:
             self.logit_bias = self.param(
@@ -114,6 +140,12 @@ class DecomposedVLTransformer(_RetrievalModel):
         self.joint = JointVLTransformer(self.config)
         self.make_heads()
 
+    @property
+    def text_width(self) -> int:
+        return self.config.transformer.width
+
+    image_width = text_width
+
     def text_sequence(self, token_ids, text_mask, *, train=False):
         return self.joint.encode_text_sequence(token_ids, text_mask, train=train)
 
@@ -140,11 +172,15 @@ class ImageTransformer(nn.Module):
     transformer: TransformerConfig
     image_size: int
     patch_size: int
+    embeddings: ImageEmbeddingConfig = ImageEmbeddingConfig()
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+        options = self.embeddings
         x = PatchEmbeddings(
-            self.image_size, self.patch_size, self.transformer.width, name="embeddings"
+            self.image_size, self.patch_size, self.transformer.width, name="embeddings",
+            patch_bias=options.patch_bias,
+            layer_norm=options.layer_norm, layer_norm_eps=options.layer_norm_eps,
         )(images, train=train)
         mask = jnp.ones(x.shape[:2], jnp.int32)
         return Encoder(self.transformer, name="encoder")(x, mask, train=train)
@@ -156,12 +192,15 @@ class TextTransformer(nn.Module):
     transformer: TransformerConfig
     vocab_size: int
     max_length: int
+    embeddings: TextEmbeddingConfig = TextEmbeddingConfig()
 
     @nn.compact
     def __call__(self, token_ids: jax.Array, text_mask: jax.Array, *, train: bool = False):
+        options = self.embeddings
         x = TextEmbeddings(
             self.vocab_size, self.transformer.width, self.max_length, name="embeddings",
-            dropout=self.transformer.dropout,
+            dropout=self.transformer.dropout, type_vocab_size=options.type_vocab_size,
+            layer_norm=options.layer_norm, layer_norm_eps=options.layer_norm_eps,
         )(token_ids, train=train)
         return Encoder(self.transformer, name="encoder")(x, text_mask, train=train)
 
@@ -176,15 +215,25 @@ class DualEncoder(_RetrievalModel):
     image_size: int
     patch_size: int
     head: TowerHead
+    text_embeddings: TextEmbeddingConfig = TextEmbeddingConfig()
+    image_embeddings: ImageEmbeddingConfig = ImageEmbeddingConfig()
 
     def setup(self):
         self.image_encoder = ImageTransformer(
-            self.image_transformer, self.image_size, self.patch_size
+            self.image_transformer, self.image_size, self.patch_size, self.image_embeddings
         )
         self.text_encoder = TextTransformer(
-            self.text_transformer, self.vocab_size, self.max_text_length
+            self.text_transformer, self.vocab_size, self.max_text_length, self.text_embeddings
         )
         self.make_heads()
+
+    @property
+    def text_width(self) -> int:
+        return self.text_transformer.width
+
+    @property
+    def image_width(self) -> int:
+        return self.image_transformer.width
 
     def text_sequence(self, token_ids, text_mask, *, train=False):
         return self.text_encoder(token_ids, text_mask, train=train)

@@ -43,6 +43,7 @@ class TransformerConfig:
     final_norm: bool = True  # a LayerNorm after the last block (pre-LN models need it)
     layer_norm_eps: float = 1e-6
     activation: str = "gelu"
+    causal: bool = False  # each token attends to itself and earlier ones only (CLIP's text tower)
     remat: bool = False  # recompute each block in the backward pass to save activation memory
 
     def __post_init__(self):
@@ -69,7 +70,11 @@ class MultiHeadSelfAttention(nn.Module):
         # A large finite negative, not -inf: a fully padded row then yields a uniform softmax
         # instead of NaN, and its output is never read.
         big_negative = jnp.finfo(scores.dtype).min / 2
-        scores = jnp.where(mask[:, None, None, :].astype(bool), scores, big_negative)
+        allowed = mask[:, None, None, :].astype(bool)
+        if cfg.causal:
+            length = x.shape[1]
+            allowed = allowed & jnp.tril(jnp.ones((length, length), bool))[None, None]
+        scores = jnp.where(allowed, scores, big_negative)
         weights = jax.nn.softmax(scores, axis=-1)
         weights = nn.Dropout(cfg.attention_dropout)(weights, deterministic=not train)
         attended = jnp.einsum("bhqk,bkhd->bqhd", weights, value)

@@ -1,0 +1,308 @@
+"""Hugging Face <-> vlretrieval conversion, checked against the transformers (PyTorch) forward.
+
+Every reference model is random-initialised offline from a tiny config, saved with
+`save_pretrained`, converted through the CLI or the library, and run on the same inputs.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+from safetensors.numpy import load_file, save_file  # noqa: E402
+
+from configs.demo import get_config  # noqa: E402
+from vlretrieval import cli  # noqa: E402
+from vlretrieval.convert import architectures, hf_in, native  # noqa: E402
+from vlretrieval.models import build_model, init_params  # noqa: E402
+
+TOLERANCE = 1e-4
+VOCAB, TEXT_POSITIONS, IMAGE, PATCH = 60, 16, 32, 8
+SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+MEASURED = {}  # max abs differences, printed at the end of the module (see the closing note)
+
+
+def _save(model, folder):
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def hf_folders(tmp_path_factory):
+    """arch -> (PyTorch model in eval mode, its saved folder)."""
+    root = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    text = dict(vocab_size=VOCAB, max_position_embeddings=TEXT_POSITIONS, **SIZES)
+    vision = dict(image_size=IMAGE, patch_size=PATCH, **SIZES)
+    models = {
+        "bert": transformers.BertModel(transformers.BertConfig(**text)),
+        "xlmr": transformers.XLMRobertaModel(transformers.XLMRobertaConfig(
+            **dict(text, max_position_embeddings=TEXT_POSITIONS + 2), type_vocab_size=1,
+            pad_token_id=1)),
+        "vit": transformers.ViTModel(transformers.ViTConfig(**vision)),
+        "clip": transformers.CLIPModel(transformers.CLIPConfig(
+            text_config=dict(text, eos_token_id=VOCAB - 1, bos_token_id=VOCAB - 2, pad_token_id=1),
+            vision_config=vision, projection_dim=16)),
+        "vilt": transformers.ViltModel(transformers.ViltConfig(**{**text, **vision})),
+    }
+    # Randomise LayerNorm and bias parameters too: at their init (ones, zeros) a swapped or
+    # missing one would go unnoticed.
+    with torch.no_grad():
+        for model in models.values():
+            for name, parameter in model.named_parameters():
+                if parameter.ndim == 1 or "logit_scale" in name:
+                    parameter.add_(0.1 * torch.randn_like(parameter))
+    return {arch: (model.eval(), _save(model, root / arch)) for arch, model in models.items()}
+
+
+def base_model(kind="dual"):
+    config = get_config()
+    config.model.kind = kind
+    return architectures.complete_section(config.model.to_dict())
+
+
+def our_model(folder, **sizes):
+    converted = hf_in.convert_folder(folder, base_model(), **sizes)
+    model = build_model(ml_collections.ConfigDict(converted.model), converted.vocab_size or 1)
+    return model, {"params": native.nest(converted.params)}, converted
+
+
+def text_inputs(batch=3, length=10, low=3, pad_id=0):
+    rng = np.random.RandomState(0)
+    ids = rng.randint(low, VOCAB - 2, (batch, length))
+    mask = np.ones_like(ids)
+    for row, real in enumerate([length, 7, 4][:batch]):
+        mask[row, real:] = 0
+        ids[row, real:] = pad_id
+    return ids, mask
+
+
+def images(batch=2, size=IMAGE):
+    pixels = np.random.RandomState(1).randn(batch, 3, size, size).astype(np.float32)
+    return pixels, jnp.asarray(pixels.transpose(0, 2, 3, 1))  # PyTorch NCHW, ours NHWC
+
+
+def record(name, got, want, where=None):
+    got, want = np.asarray(got), np.asarray(want)
+    if where is not None:
+        got, want = got[where], want[where]
+    difference = float(np.max(np.abs(got - want)))
+    MEASURED[name] = difference
+    assert difference < TOLERANCE, f"{name}: max abs difference {difference:.3g}"
+
+
+def text_outputs(model, variables, ids, mask):
+    def run(module, ids, mask):
+        sequence = module.text_sequence(ids, mask)
+        return sequence, module.pool_text(sequence, mask)
+    return model.apply(variables, jnp.asarray(ids), jnp.asarray(mask), method=run)
+
+
+def image_outputs(model, variables, pixels):
+    def run(module, pixels):
+        sequence = module.image_sequence(pixels)
+        return sequence, module.pool_image(sequence)
+    return model.apply(variables, pixels, method=run)
+
+
+@pytest.mark.parametrize("arch", ["bert", "xlmr"])
+def test_text_encoders_match_transformers(hf_folders, arch):
+    reference, folder = hf_folders[arch]
+    pad_id = 1 if arch == "xlmr" else 0
+    ids, mask = text_inputs(pad_id=pad_id)
+    with torch.no_grad():
+        want = reference(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
+    model, variables, converted = our_model(folder)
+    assert converted.parts == ("text",)
+    sequence, pooled = text_outputs(model, variables, ids, mask)
+    # Padding positions are compared too for BERT; XLM-R gives padding its own position id, so
+    # only real tokens are defined the same way there.
+    where = mask.astype(bool) if arch == "xlmr" else None
+    record(f"{arch} last_hidden_state", sequence, want.last_hidden_state, where)
+    record(f"{arch} pooler_output", pooled, want.pooler_output)
+
+
+def test_vit_matches_transformers(hf_folders):
+    reference, folder = hf_folders["vit"]
+    pixels, ours = images()
+    with torch.no_grad():
+        want = reference(pixel_values=torch.tensor(pixels))
+    model, variables, _ = our_model(folder)
+    sequence, pooled = image_outputs(model, variables, ours)
+    record("vit last_hidden_state", sequence, want.last_hidden_state)
+    record("vit pooler_output", pooled, want.pooler_output)
+
+
+def test_clip_matches_transformers(hf_folders):
+    reference, folder = hf_folders["clip"]
+    ids, mask = text_inputs()
+    ids[np.arange(3), mask.sum(1) - 1] = VOCAB - 1  # end-of-text token last, as CLIP's tokenizer does
+    pixels, ours = images(3)
+    with torch.no_grad():
+        want = reference(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                         pixel_values=torch.tensor(pixels))
+        want_text = reference.text_model(input_ids=torch.tensor(ids),
+                                         attention_mask=torch.tensor(mask))
+        want_vision = reference.vision_model(pixel_values=torch.tensor(pixels))
+    model, variables, _ = our_model(folder)
+    outputs = model.apply(variables, ours, jnp.asarray(ids), jnp.asarray(mask))
+    record("clip image_embeds", outputs["image_embeddings"], want.image_embeds)
+    record("clip text_embeds", outputs["text_embeddings"], want.text_embeds)
+    logits = outputs["logit_scale"] * outputs["image_embeddings"] @ outputs["text_embeddings"].T
+    record("clip logits_per_image", logits, want.logits_per_image)
+    sequence, pooled = text_outputs(model, variables, ids, mask)
+    record("clip text last_hidden_state", sequence, want_text.last_hidden_state, mask.astype(bool))
+    record("clip text pooler_output", pooled, want_text.pooler_output)
+    # HF's vision last_hidden_state precedes post_layernorm, which it applies to the pooled token
+    # only; ours normalises every token (the same for the class token), so compare the pooled one.
+    _, pooled = image_outputs(model, variables, ours)
+    record("clip vision pooler_output", pooled, want_vision.pooler_output)
+
+
+def test_vilt_joint_and_towers_match_transformers(hf_folders):
+    reference, folder = hf_folders["vilt"]
+    ids, mask = text_inputs(2)
+    pixels, ours = images(2)
+    converted = hf_in.convert_folder(folder, base_model("decomposed"))
+    model = build_model(ml_collections.ConfigDict(converted.model), converted.vocab_size)
+    # The joint pass computes the ITM and MLM heads too, which ViltModel has not: fresh ones.
+    params = native.flatten(jax.device_get(init_params(model, jax.random.PRNGKey(0))))
+    variables = {"params": native.nest({**params, **converted.params})}
+    with torch.no_grad():
+        want = reference(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                         pixel_values=torch.tensor(pixels))
+    joint = model.apply(variables, jnp.asarray(ids), jnp.asarray(mask), ours,
+                        method=lambda m, *a: m.joint_forward(*a))
+    record("vilt pair pooler_output", joint["pooled"], want.pooler_output)
+    # ViLT shuffles the image patches (with their positions); the text part is order-free.
+    record("vilt pair text last_hidden_state", joint["sequence"][:, : ids.shape[1]],
+           want.last_hidden_state[:, : ids.shape[1]], mask.astype(bool))
+
+    # The decomposed towers = ViLT's own modules run on one modality alone.
+    embeddings = reference.embeddings
+    with torch.no_grad():
+        text = embeddings.text_embeddings(input_ids=torch.tensor(ids))
+        text = text + embeddings.token_type_embeddings(torch.zeros_like(torch.tensor(ids)))
+        # ViLT's encoder adds its mask to the attention scores.
+        extended = (1.0 - torch.tensor(mask, dtype=torch.float32))[:, None, None, :] * -1e9
+        text = reference.layernorm(reference.encoder(text, attention_mask=extended)[0])
+        image, image_mask, (patch_index, _) = embeddings.visual_embed(
+            torch.tensor(pixels), torch.ones(2, IMAGE, IMAGE, dtype=torch.long),
+            max_image_length=-1,
+        )
+        image = image + embeddings.token_type_embeddings(torch.ones_like(image_mask))
+        image = reference.layernorm(reference.encoder(image)[0])
+    text_sequence, _ = text_outputs(model, variables, ids, mask)
+    record("vilt text tower sequence", text_sequence, text, mask.astype(bool))
+    image_sequence, _ = image_outputs(model, variables, ours)
+    # Undo ViLT's patch shuffle: patch_index holds each token's (row, column) in the grid.
+    grid = IMAGE // PATCH
+    order = (patch_index[..., 0] * grid + patch_index[..., 1]).numpy()
+    restored = np.asarray(image_sequence)
+    restored = np.concatenate(
+        [restored[:, :1], np.take_along_axis(restored[:, 1:], order[..., None], axis=1)], axis=1
+    )
+    record("vilt image tower sequence", restored, image)
+
+
+def run_cli(capsys, *args):
+    """(exit code, stdout, stderr) of `vlretrieval ...` run in this process."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(list(args))
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def hf_state(folder):
+    return {k: v for k, v in load_file(os.path.join(folder, "model.safetensors")).items()
+            if not k.endswith(hf_in.IGNORED_SUFFIXES)}
+
+
+@pytest.mark.parametrize("arch", ["bert", "vit", "clip"])
+def test_round_trip_gives_the_original_state_dict(hf_folders, tmp_path, capsys, arch):
+    _, folder = hf_folders[arch]
+    code, out, err = run_cli(capsys, "convert", "--from", "hf", folder, "--to", str(tmp_path / "ours"))
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "convert", "--from", "vlretrieval", str(tmp_path / "ours"),
+                             "--to-hf", str(tmp_path / "back"), "--arch", arch)
+    assert code == 0, err
+    original, back = hf_state(folder), hf_state(tmp_path / "back")
+    assert sorted(back) == sorted(original)
+    for name in original:
+        np.testing.assert_array_equal(back[name], original[name], err_msg=name)
+    model_class = {"bert": transformers.BertModel, "vit": transformers.ViTModel,
+                   "clip": transformers.CLIPModel}[arch]
+    _, info = model_class.from_pretrained(str(tmp_path / "back"), output_loading_info=True)
+    assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+
+
+def test_buffers_are_ignored_and_pytorch_bin_files_read(hf_folders, tmp_path):
+    reference, folder = hf_folders["bert"]
+    state = load_file(os.path.join(folder, "model.safetensors"))
+    with_buffers = tmp_path / "with_buffers"
+    with_buffers.mkdir()
+    (with_buffers / "config.json").write_text(open(os.path.join(folder, "config.json")).read())
+    save_file(dict(state, **{"embeddings.position_ids": np.arange(TEXT_POSITIONS)[None],
+                             "embeddings.token_type_ids": np.zeros((1, TEXT_POSITIONS), np.int64)}),
+              str(with_buffers / "model.safetensors"), metadata={"format": "pt"})
+    as_bin = tmp_path / "as_bin"
+    as_bin.mkdir()
+    (as_bin / "config.json").write_text(open(os.path.join(folder, "config.json")).read())
+    torch.save({**{k: torch.tensor(v) for k, v in state.items()},
+                "embeddings.position_ids": torch.arange(TEXT_POSITIONS)[None]},
+               str(as_bin / "pytorch_model.bin"))
+    plain = hf_in.convert_folder(folder, base_model()).params
+    for source in (with_buffers, as_bin):
+        converted = hf_in.convert_folder(str(source), base_model()).params
+        assert sorted(converted) == sorted(plain)
+        for name in plain:
+            np.testing.assert_array_equal(converted[name], plain[name])
+
+
+def test_converted_folder_reads_back_and_initialises_a_run(hf_folders, tmp_path, capsys):
+    _, folder = hf_folders["clip"]
+    # Tokenizer files travel with the weights.
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in os.listdir(folder):
+        os.symlink(os.path.join(folder, name), source / name)
+    (source / "vocab.json").write_text('{"a": 0}')
+    outdir = tmp_path / "runs" / "clip"
+    code, out, err = run_cli(capsys, "convert", "--from", "hf", str(source), "--to", str(outdir),
+                             "--config", "configs/demo.py:tiny")
+    assert code == 0, err
+    assert sorted(os.listdir(outdir)) == [
+        "checkpoints", "config.py", "conversion.json", "model.json", "tokenizer"]
+    assert sorted(os.listdir(tmp_path / "runs")) == ["clip"]  # no temporary folder left
+    assert (outdir / "tokenizer" / "vocab.json").read_text() == '{"a": 0}'
+    from vlretrieval.config import load_config
+    config = load_config(str(outdir / "config.py"))
+    assert config.model.head.text_pooling == "last" and config.train.num_steps == 6  # :tiny base
+    assert config.data.tokenizer == str(outdir / "tokenizer")
+    # eval reads it as a training workdir: the whole train state restores against the template.
+    from vlretrieval.checkpoint import Checkpointer
+    from vlretrieval.train import create_train_state, make_optimizer
+    model = build_model(config.model, VOCAB)
+    tx, _ = make_optimizer(config.optimizer, config.train.num_steps)
+    checkpointer = Checkpointer(str(outdir))
+    state = checkpointer.restore(create_train_state(model, tx, config.seed))
+    checkpointer.close()
+    converted = hf_in.convert_folder(folder, base_model()).params
+    restored = native.flatten(jax.device_get(state.params))
+    for name in converted:
+        np.testing.assert_array_equal(restored[name], converted[name])
+    # --init_from the converted folder gives the same parameters as the HF folder itself.
+    from vlretrieval.convert.initialise import initial_params
+    from_folder = native.flatten(initial_params(str(outdir), state.params, config.model))
+    from_hf = native.flatten(initial_params(f"hf:{folder}", state.params, config.model))
+    for name in converted:
+        np.testing.assert_array_equal(from_folder[name], converted[name])
+        np.testing.assert_array_equal(from_hf[name], converted[name])
