@@ -22,7 +22,7 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 from configs.demo import get_config  # noqa: E402
 from vlretrieval import cli  # noqa: E402
 from vlretrieval.convert import architectures, hf_in, native  # noqa: E402
-from vlretrieval.models import build_model, init_params  # noqa: E402
+from vlretrieval.models import build_model  # noqa: E402
 
 TOLERANCE = 1e-4
 VOCAB, TEXT_POSITIONS, IMAGE, PATCH = 60, 16, 32, 8
@@ -61,6 +61,12 @@ def hf_folders(tmp_path_factory):
                 if parameter.ndim == 1 or "logit_scale" in name:
                     parameter.add_(0.1 * torch.randn_like(parameter))
     return {arch: (model.eval(), _save(model, root / arch)) for arch, model in models.items()}
+
+
+def zeros(converted):
+    """Zero arrays for every parameter of the converted model (shapes only, no init run)."""
+    shapes = hf_in.expected_shapes(converted.model, converted.vocab_size or 1)
+    return {path: np.zeros(shape, np.float32) for path, shape in shapes.items()}
 
 
 def base_model(kind="dual"):
@@ -173,9 +179,8 @@ def test_vilt_joint_and_towers_match_transformers(hf_folders):
     pixels, ours = images(2)
     converted = hf_in.convert_folder(folder, base_model("decomposed"))
     model = build_model(ml_collections.ConfigDict(converted.model), converted.vocab_size)
-    # The joint pass computes the ITM and MLM heads too, which ViltModel has not: fresh ones.
-    params = native.flatten(jax.device_get(init_params(model, jax.random.PRNGKey(0))))
-    variables = {"params": native.nest({**params, **converted.params})}
+    # The joint pass computes the ITM and MLM heads too, which ViltModel has not: zeros.
+    variables = {"params": native.nest({**zeros(converted), **converted.params})}
     with torch.no_grad():
         want = reference(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                          pixel_values=torch.tensor(pixels))
@@ -293,7 +298,7 @@ def test_converted_folder_reads_back_and_initialises_a_run(hf_folders, tmp_path,
     model = build_model(config.model, VOCAB)
     tx, _ = make_optimizer(config.optimizer, config.train.num_steps)
     checkpointer = Checkpointer(str(outdir))
-    state = checkpointer.restore(create_train_state(model, tx, config.seed))
+    state = checkpointer.restore(jax.eval_shape(lambda: create_train_state(model, tx, config.seed)))
     checkpointer.close()
     converted = hf_in.convert_folder(folder, base_model()).params
     restored = native.flatten(jax.device_get(state.params))
@@ -306,3 +311,132 @@ def test_converted_folder_reads_back_and_initialises_a_run(hf_folders, tmp_path,
     for name in converted:
         np.testing.assert_array_equal(from_folder[name], converted[name])
         np.testing.assert_array_equal(from_hf[name], converted[name])
+
+
+def _copy_folder(folder, destination, config_edit=None, weights=True):
+    destination.mkdir()
+    config = json.load(open(os.path.join(folder, "config.json")))
+    if config_edit:
+        config.update(config_edit)
+    (destination / "config.json").write_text(json.dumps(config))
+    if weights:
+        os.symlink(os.path.join(folder, "model.safetensors"), destination / "model.safetensors")
+    return destination
+
+
+class MakesADirectory:
+    """A pickle that would create a directory when unpickled without weights_only."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def test_bad_inputs_fail_with_one_line_and_write_nothing(hf_folders, tmp_path, capsys):
+    _, bert = hf_folders["bert"]
+    outdir = tmp_path / "out"
+    unsupported = _copy_folder(bert, tmp_path / "gpt2", {"architectures": ["GPT2Model"]})
+    wrong_shape = _copy_folder(bert, tmp_path / "wrong", {"intermediate_size": 48})
+    no_weights = _copy_folder(bert, tmp_path / "empty", weights=False)
+    pickled = _copy_folder(bert, tmp_path / "pickled", weights=False)
+    marker = tmp_path / "pickle-ran"
+    torch.save({"weight": MakesADirectory(str(marker))}, str(pickled / "pytorch_model.bin"))
+    cases = [
+        (unsupported, ["GPT2Model", "BertModel, XLMRobertaModel, ViTModel, CLIPModel, ViltModel"]),
+        (wrong_shape, ["encoder.layer.0.intermediate.dense.weight", "(64, 32)", "(48, 32)"]),
+        (no_weights, [str(no_weights), "model.safetensors", "pytorch_model.bin"]),
+        (pickled, [str(pickled / "pytorch_model.bin"), "refused"]),
+    ]
+    for folder, fragments in cases:
+        code, out, err = run_cli(capsys, "convert", "--from", "hf", str(folder), "--to", str(outdir))
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+        for fragment in fragments:
+            assert fragment in lines[0], (fragment, lines[0])
+        assert not outdir.exists()
+    assert not marker.exists()  # the pickle was never run
+    assert sorted(os.listdir(tmp_path)) == ["empty", "gpt2", "pickled", "wrong"]  # no temp folders
+
+    # Export: a tower that HF's architecture would compute differently is refused.
+    ours = tmp_path / "ours"
+    assert run_cli(capsys, "convert", "--from", "hf", bert, "--to", str(ours))[0] == 0
+    code, _, err = run_cli(capsys, "convert", "--from", "vlretrieval", str(ours), "--to-hf",
+                           str(outdir), "--arch", "clip")
+    assert code == 2 and "text_transformer.pre_norm" in err and not outdir.exists()
+    code, _, err = run_cli(capsys, "convert", "--from", "vlretrieval", str(ours), "--to-hf",
+                           str(outdir), "--arch", "vit")
+    assert code == 2 and "image_encoder" in err and not outdir.exists()
+    # An existing output folder is never overwritten.
+    code, _, err = run_cli(capsys, "convert", "--from", "hf", bert, "--to", str(ours))
+    assert code == 2 and "already exists" in err
+
+
+def test_a_bert_text_tower_and_a_vit_image_tower_make_one_dual_encoder(hf_folders):
+    bert, bert_folder = hf_folders["bert"]
+    vit, vit_folder = hf_folders["vit"]
+    # The model section: BERT's text tower over ViT's image tower (what converting BERT with the
+    # ViT conversion's config.py as --config gives).
+    vit_model = hf_in.convert_folder(vit_folder, base_model()).model
+    section = hf_in.convert_folder(bert_folder, vit_model).model
+    section["head"]["embed_dim"] = 8
+    config = ml_collections.ConfigDict(section)
+    model = build_model(config, VOCAB)
+    template = native.nest({path: np.full(shape, 0.5, np.float32) for path, shape in
+                            hf_in.expected_shapes(section, VOCAB).items()})
+    from vlretrieval.convert.initialise import initial_params
+    params = initial_params(f"hf:{bert_folder}, hf:{vit_folder}", template, config)
+    flat, fresh = native.flatten(params), native.flatten(jax.device_get(template))
+    np.testing.assert_array_equal(flat["text_projection/kernel"], fresh["text_projection/kernel"])
+    ids, mask = text_inputs()
+    pixels, ours = images()
+    with torch.no_grad():
+        want_text = bert(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
+        want_image = vit(pixel_values=torch.tensor(pixels))
+    _, pooled_text = text_outputs(model, {"params": params}, ids, mask)
+    _, pooled_image = image_outputs(model, {"params": params}, ours)
+    record("bert+vit dual: text pooler_output", pooled_text, want_text.pooler_output)
+    record("bert+vit dual: image pooler_output", pooled_image, want_image.pooler_output)
+
+    # A config whose text tower computes differently (pre-LN) is refused, naming the option.
+    wrong = ml_collections.ConfigDict(section)
+    wrong.text_transformer.pre_norm = True
+    from vlretrieval.errors import UserError
+    with pytest.raises(UserError, match=r"config.model.text_transformer.pre_norm is True"):
+        initial_params(f"hf:{bert_folder}", template, wrong)
+    with pytest.raises(UserError, match="comes from both"):
+        initial_params(f"hf:{bert_folder},hf:{bert_folder}", template, config)
+
+
+def test_positions_are_cut_and_interpolated_by_option(hf_folders):
+    _, folder = hf_folders["vit"]
+    plain = hf_in.convert_folder(folder, base_model())
+    same = hf_in.convert_folder(folder, base_model(), image_size=IMAGE)
+    larger = hf_in.convert_folder(folder, base_model(), image_size=2 * IMAGE)
+    path = "image_encoder/embeddings/position"
+    np.testing.assert_array_equal(same.params[path], plain.params[path])
+    grid = IMAGE // PATCH
+    assert larger.params[path].shape == (1 + (2 * grid) ** 2, 32)
+    assert larger.model["image_size"] == 2 * IMAGE and larger.notes
+    np.testing.assert_array_equal(larger.params[path][0], plain.params[path][0])  # class token
+    # A linear ramp over the grid stays a ramp (inside the border) after interpolation.
+    ramp = np.concatenate([np.zeros((1, 1)), np.arange(grid * grid, dtype=np.float32)[:, None]
+                           % grid])
+    from vlretrieval.convert.positions import interpolate_grid
+    resized = interpolate_grid(np.repeat(ramp, 2, axis=1), 2 * grid)[1:, 0].reshape(8, 8)
+    np.testing.assert_allclose(np.diff(resized[:, 1:-1], axis=1), 0.5, atol=1e-5)
+    text = hf_in.convert_folder(hf_folders["bert"][1], base_model(), max_text_length=8)
+    assert text.params["text_encoder/embeddings/position"].shape == (8, 32)
+    from vlretrieval.errors import UserError
+    with pytest.raises(UserError, match="16 text positions"):
+        hf_in.convert_folder(hf_folders["bert"][1], base_model(), max_text_length=32)
+    model, variables, _ = our_model(folder, image_size=2 * IMAGE)
+    sequence, _ = image_outputs(model, variables, images(1, 2 * IMAGE)[1])
+    assert sequence.shape == (1, 1 + (2 * grid) ** 2, 32)
+
+
+def test_print_measured_differences():
+    """Not a check: prints what the comparisons above measured (pytest -s shows it)."""
+    for name, difference in sorted(MEASURED.items()):
+        print(f"max abs difference {name}: {difference:.2e}")

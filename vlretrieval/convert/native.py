@@ -143,9 +143,19 @@ def _state(converted, config) -> tuple[Any, list[str]]:
 
     model = build_model(config.model, converted.vocab_size)
     tx, _ = make_optimizer(config.optimizer, config.train.num_steps)
-    state = create_train_state(model, tx, config.seed)
-    flat = flatten(jax.device_get(state.params))
-    initialised = sorted(set(flat) - set(converted.params))
+    # Shapes first: a model that the source covers entirely (CLIP) needs no initialisation run.
+    abstract = jax.eval_shape(lambda: create_train_state(model, tx, config.seed))
+    initialised = sorted(set(flatten(abstract.params)) - set(converted.params))
+    if initialised:
+        state = create_train_state(model, tx, config.seed)
+        flat = flatten(jax.device_get(state.params))
+    else:
+        state = abstract.replace(
+            step=np.zeros((), np.int32),
+            rng=jax.random.split(jax.random.PRNGKey(config.seed))[1],
+        )
+        flat = {path: np.zeros(leaf.shape, leaf.dtype) for path, leaf in
+                flatten(abstract.params).items()}
     for path, array in converted.params.items():
         flat[path] = np.asarray(array, flat[path].dtype)
     params = nest(flat)
