@@ -86,7 +86,7 @@ def main() -> None:
     config, model, tower_params, data = _load(args.towers, args.data_dir)
     _, _, joint_params, _ = _load(args.joint, args.data_dir)
     mesh = parallel.make_mesh()
-    split = pipeline.load_split(data.split("test"), [args.language])
+    split = pipeline.load_split(data.split("test"), [args.language], config.model.image_size)
     images = pipeline.normalize_images(split["images"])
     texts = [c for captions in split["captions"][args.language] for c in captions]
     token_ids, text_mask = data.tokenizer.encode(texts, config.data.max_text_length)
@@ -131,7 +131,10 @@ def main() -> None:
         return results["languages"][args.language]
 
     # The fusion weight is chosen on validation images, never on the test images it is reported on.
-    validation = subset(pipeline.load_split(data.split("validation"), [args.language]), args.recall_images)
+    validation = subset(
+        pipeline.load_split(data.split("validation"), [args.language], config.model.image_size),
+        args.recall_images,
+    )
     weights = [float(w) for w in args.fusion_weights.split(",")]
     validation_recall = {
         w: evaluate_mode(validation, "rerank", tower_params, w)["mean_recall"] for w in weights

@@ -41,6 +41,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.num_train = 20_000
     config.data.num_validation = 1_000
     config.data.num_test = 1_000
+    # Published benchmark layouts (config.data.name = karpathy | crossmodal3600 | xtd10 |
+    # multi30k | jsonl): their files as published, read once into config.data.data_dir.
+    config.data.manual_dir = ""
+    config.data.images_dir = ""  # empty: the layout's own place under manual_dir
+    config.data.annotation = ""  # karpathy: dataset_coco.json etc. (empty: the only one there)
+    config.data.restval_to_train = True  # karpathy: fold the restval split into train
+    config.data.caption_language = "en"  # jsonl: the language of a plain "caption" field
+    config.data.on_bad_record = "skip"  # or "fail": a missing/corrupt image or empty caption
+    # Training images: a random crop of this area fraction, resized to model.image_size.
+    config.data.crop_scale = (0.5, 1.0)
 
     config.model = ml_collections.ConfigDict()
     config.model.kind = "decomposed"  # or "dual"

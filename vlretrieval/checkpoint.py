@@ -1,7 +1,9 @@
-"""orbax checkpoints of the train state plus the experiment config, in `<workdir>/checkpoints`.
+"""orbax checkpoints of the train state, the input pipeline's state and the experiment config,
+in `<workdir>/checkpoints`.
 
-The data position needs no saving of its own: training batches are a pure function of
-(seed, step), so restoring the step restores the data order (see `data/pipeline.py`).
+The pipeline state (`pipeline.TrainingBatches.get_state()`) is saved with every step so a resumed
+run reads exactly the batches it had not read. Every host's pipeline is at the same position (one
+batch per step each), so the primary host's state stands for all of them.
 """
 
 from __future__ import annotations
@@ -30,13 +32,25 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, config: ml_collections.ConfigDict) -> None:
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config.to_dict())
-            ),
+    def save(
+        self, step: int, state: Any, config: ml_collections.ConfigDict, data_state: Any = None
+    ) -> None:
+        items = {
+            "state": ocp.args.StandardSave(state),
+            "config": ocp.args.JsonSave(config.to_dict()),
+        }
+        if data_state is not None:
+            items["data_state"] = ocp.args.JsonSave(data_state)
+        self.manager.save(step, args=ocp.args.Composite(**items))
+
+    def restore_data_state(self, step: int) -> Any:
+        """The input pipeline's state saved at `step`, or None (a checkpoint without one)."""
+        if "data_state" not in self.manager.item_metadata(step):
+            return None
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(data_state=ocp.args.JsonRestore())
         )
+        return restored.data_state
 
     def restore(self, state_template: Any, step: int | None = None) -> Any:
         """The saved state at `step` (default: the latest), shaped and sharded like the template."""

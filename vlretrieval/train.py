@@ -23,6 +23,7 @@ from vlretrieval.accumulate import accumulated_value_and_grad
 from vlretrieval.checkpoint import Checkpointer, has_checkpoint, load_params
 from vlretrieval.convert.initialise import initial_params
 from vlretrieval.data import datasets, pipeline
+from vlretrieval.data.builders.image_captions import summary
 from vlretrieval.errors import UserError
 from vlretrieval.evaluate import evaluate_split, format_table, subset, write_results
 from vlretrieval.models import build_model, init_params
@@ -209,7 +210,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     )
     writer = MetricsWriter(workdir)
     num_steps = config.train.num_steps
-    batches = _training_batches(config, data, translations, start_step)
+    batches = _training_batches(config, data, translations)
+    if start_step:
+        # Checkpoints written before the pipeline state was saved: batch = step, so the step is
+        # the position.
+        saved = checkpointer.restore_data_state(start_step)
+        batches.set_state(saved or {name: {"next_index": start_step} for name in batches.iterators})
+    epoch_steps = pipeline.steps_per_epoch(
+        len(data.split("train")), global_batch_size
+    )
     bar = tqdm(
         total=num_steps, initial=start_step, unit="step", disable=not progress or start_step >= num_steps
     )
@@ -229,16 +238,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
                 loss=f"{metrics['loss']:.3f}", ex_per_s=f"{metrics['examples_per_second']:.0f}"
             )
         if step % config.train.checkpoint_every == 0 or is_last:
-            checkpointer.save(step, state, config)
+            checkpointer.save(step, state, config, batches.get_state())
+        if step % epoch_steps == 0 and data.bad_records is not None:
+            tqdm.write(f"epoch {step // epoch_steps} done: preparation {summary(data.bad_records)}")
     bar.close()
     checkpointer.wait()
     checkpointer.close()
     return model, state.params, data
 
 
-def _training_batches(config: ml_collections.ConfigDict, data, translations, start_step: int):
-    """This host's batches from `start_step` on: image-text pairs, and with the text-text task
-    a batch of translation pairs beside them (both indexed by step, so resuming is exact)."""
+def _training_batches(config: ml_collections.ConfigDict, data, translations):
+    """This host's batches: image-text pairs, and with the text-text task a batch of translation
+    pairs beside them; one state for both (saved in each checkpoint)."""
     image_text = pipeline.training_dataset(
         data.split("train"),
         data.tokenizer,
@@ -246,6 +257,8 @@ def _training_batches(config: ml_collections.ConfigDict, data, translations, sta
         languages=config.data.languages,
         max_text_length=config.data.max_text_length,
         seed=config.seed,
+        image_size=config.model.image_size,
+        crop_scale=config.data.crop_scale,
         text_negatives=(
             TextNegativeComposer(data.content_words, config.objectives.text_swap_fraction)
             if config.objectives.composed_text_negatives
@@ -254,9 +267,8 @@ def _training_batches(config: ml_collections.ConfigDict, data, translations, sta
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    batches = pipeline.iterate_from(image_text, start_step)
     if translations is None:
-        return batches
+        return pipeline.TrainingBatches({"image_text": image_text})
     sources, weights = translations
     bitext = pipeline.translation_dataset(
         pipeline.TranslationMixture(sources, weights, seed=config.seed + 2),
@@ -266,7 +278,7 @@ def _training_batches(config: ml_collections.ConfigDict, data, translations, sta
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    return ({**pair, **text} for pair, text in zip(batches, pipeline.iterate_from(bitext, start_step)))
+    return pipeline.TrainingBatches({"image_text": image_text, "text_text": bitext})
 
 
 def evaluate_checkpoint(
@@ -285,7 +297,9 @@ def evaluate_checkpoint(
         joint_params = load_params(config.eval.joint_from, params)
     mesh = parallel.make_mesh(config.train.num_devices or None)
     split = subset(
-        pipeline.load_split(data.split(config.eval.split), config.data.languages),
+        pipeline.load_split(
+            data.split(config.eval.split), config.data.languages, config.model.image_size
+        ),
         config.eval.max_images,
     )
     results = evaluate_split(

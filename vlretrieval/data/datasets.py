@@ -1,8 +1,9 @@
 """Opens the dataset and tokenizer an experiment's `data` config names.
 
 `data.dataset_dir` (a prepared tfds directory) wins; otherwise `data.name` picks a builder that
-prepares itself into `data.data_dir`. The tokenizer is `data.tokenizer`, or the one trained beside
-the demo data.
+prepares itself into `data.data_dir`: the generated demo set, or a published layout
+(`layouts.LAYOUTS`) read from `data.manual_dir`. The tokenizer is `data.tokenizer`, or the one
+trained beside the demo data.
 """
 
 from __future__ import annotations
@@ -15,11 +16,18 @@ from typing import Any
 import ml_collections
 import tensorflow_datasets as tfds
 
-from vlretrieval.data.builders import captions, demo_scenes, translation_pairs
+from vlretrieval.data.builders import (
+    building,
+    captions,
+    demo_scenes,
+    image_captions,
+    layouts,
+    translation_pairs,
+)
 from vlretrieval.data.tokenizer import TextTokenizer, load_tokenizer
 from vlretrieval.errors import UserError
 
-DATASETS = ("demo_scenes",)
+DATASETS = ("demo_scenes", *layouts.LAYOUTS)
 
 
 @dataclasses.dataclass
@@ -29,6 +37,8 @@ class RetrievalData:
     directory: str
     # language -> kind -> value -> word forms, for composing negative captions; None if unknown.
     content_words: dict[str, Any] | None = None
+    # What preparation skipped (counts and examples), for datasets read from published layouts.
+    bad_records: dict[str, Any] | None = None
     _sources: dict[str, Any] | None = None
 
     def split(self, name: str):
@@ -60,15 +70,27 @@ def _demo_config(config: ml_collections.ConfigDict, seed: int) -> demo_scenes.De
 def open_dataset(config: ml_collections.ConfigDict, seed: int) -> RetrievalData:
     """The builder and tokenizer of the experiment's `data` section, preparing data if needed."""
     if config.dataset_dir:
-        builder = demo_scenes.load_prepared_dataset(config.dataset_dir)
+        builder = building.load_prepared_dataset(config.dataset_dir)
     elif config.name == "demo_scenes":
         builder = demo_scenes.prepare_demo_data(config.data_dir, _demo_config(config, seed))
+    elif config.name in layouts.LAYOUTS:
+        if not config.tokenizer:
+            raise UserError(
+                f"config.data.tokenizer is empty: {config.name} data needs a local tokenizer "
+                "(tokenizer.json, a Hugging Face folder or a SentencePiece model)"
+            )
+        builder = image_captions.prepare(_layout_config(config), config.data_dir)
     else:
         raise UserError(
             f"config.data.name is {config.name!r}; choose one of {DATASETS} "
             "or set config.data.dataset_dir to a prepared tfds dataset"
         )
     directory = demo_scenes.dataset_dir(builder)
+    if not config.tokenizer and builder.name != demo_scenes.DemoScenes.name:
+        raise UserError(
+            f"config.data.tokenizer is empty and the dataset at {directory} has no tokenizer "
+            "of its own: set a local tokenizer path"
+        )
     tokenizer_path = config.tokenizer or demo_scenes.demo_tokenizer_path(builder)
     tokenizer = load_tokenizer(tokenizer_path)
     caption_languages = set(builder.info.features["captions"].keys())
@@ -80,7 +102,22 @@ def open_dataset(config: ml_collections.ConfigDict, seed: int) -> RetrievalData:
         )
     content_words = captions.WORD_FORMS if builder.name == demo_scenes.DemoScenes.name else None
     return RetrievalData(
-        builder=builder, tokenizer=tokenizer, directory=directory, content_words=content_words
+        builder=builder, tokenizer=tokenizer, directory=directory, content_words=content_words,
+        bad_records=image_captions.read_bad_records(builder),
+    )
+
+
+def _layout_config(config: ml_collections.ConfigDict) -> image_captions.ImageCaptionsConfig:
+    """The build of `data.name`'s layout from `data.manual_dir`, with the options it takes."""
+    options: dict[str, Any] = {}
+    if config.name == "karpathy":
+        options["restval_to_train"] = config.restval_to_train
+        if config.annotation:
+            options["annotation"] = config.annotation
+    if config.name == "jsonl":
+        options["language"] = config.caption_language
+    return image_captions.builder_config(
+        config.name, config.manual_dir, config.images_dir, options, config.on_bad_record
     )
 
 
@@ -93,7 +130,7 @@ def open_translations(
     once into `data.data_dir`); with neither, the demo's pairs beside the demo data.
     """
     if bitext.dataset_dir:
-        builder = demo_scenes.load_prepared_dataset(bitext.dataset_dir)
+        builder = building.load_prepared_dataset(bitext.dataset_dir)
     elif bitext.tsv_dir:
         directory = os.path.abspath(bitext.tsv_dir)
         name = "tsv_" + hashlib.sha1(directory.encode()).hexdigest()[:10]

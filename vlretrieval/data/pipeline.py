@@ -1,24 +1,23 @@
-"""grain input pipelines over tfds data sources: sample a caption, tokenize, normalise, batch.
+"""grain input pipelines over tfds data sources: sample a caption, decode and crop the image,
+tokenize, normalise, batch.
 
 Training batches are a random-access `grain.MapDataset`: batch `step` is a pure function of
-(seed, step, host), so a resumed run continues with exactly the examples it had not yet seen by
-starting at its step, and every host reads a disjoint shard.
+(seed, step, host), and every host reads a disjoint shard. The iterator's state (`TrainingBatches`)
+is saved with each checkpoint, so a resumed run continues with exactly the examples it had not yet
+seen. Evaluation batches are padded, with a mask, so every host runs the same number of steps.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import grain
 import numpy as np
 
+from vlretrieval.data import images as image_ops
+from vlretrieval.data.images import normalize_images
 from vlretrieval.data.tokenizer import TextTokenizer
-
-
-def normalize_images(images: np.ndarray) -> np.ndarray:
-    """uint8 [0, 255] -> float32 [-1, 1], the range the patch embedding is initialised for."""
-    return images.astype(np.float32) / 127.5 - 1.0
 
 
 def _pick_caption(languages: Sequence[str], text_negatives=None):
@@ -38,7 +37,7 @@ def _pick_caption(languages: Sequence[str], text_negatives=None):
         caption = captions[rng.integers(len(captions))]
         if isinstance(caption, bytes):
             caption = caption.decode("utf-8")
-        example = {"image": record["image"], "caption": caption}
+        example = {"image": record["image"], "caption": caption, "index": record["index"]}
         if text_negatives is not None:
             example["negative_caption"], example["negative_valid"] = text_negatives(
                 caption, language, rng
@@ -53,6 +52,7 @@ def _tokenize_batch(tokenizer: TextTokenizer, max_length: int):
         token_ids, text_mask = tokenizer.encode(list(batch["caption"]), max_length)
         tokenized = {
             "images": normalize_images(batch["image"]),
+            "index": np.asarray(batch["index"], np.int32),
             "token_ids": token_ids,
             "text_mask": text_mask,
         }
@@ -76,20 +76,55 @@ def training_dataset(
     languages: Sequence[str],
     max_text_length: int,
     seed: int,
+    image_size: int,
+    crop_scale: Sequence[float] = (0.5, 1.0),
     text_negatives=None,
     process_index: int = 0,
     process_count: int = 1,
 ) -> grain.MapDataset:
-    """An endless, per-epoch reshuffled MapDataset of this host's batches; index = step."""
-    dataset = grain.MapDataset.source(source)
-    dataset = dataset[process_index::process_count]  # each host reads a disjoint shard
-    return (
-        dataset.shuffle(seed=seed)
+    """An endless, per-epoch reshuffled MapDataset of this host's batches; index = step.
+
+    One global order of examples, whatever the number of hosts: the split shuffled by `seed`
+    (again every epoch), global batch `step` its next `process_count x local_batch_size`
+    examples, and this host's batch the `process_index`-th slice of it. So every host reads
+    disjoint examples, the hosts together read each example once per epoch, and a run on 2 hosts
+    sees the same global batches (and crops) as on 1. Batches hold `index`, each example's
+    position in the split (not used by the model; it shows which records a host read)."""
+    return _host_batches(
+        indexed(source)
+        .shuffle(seed=seed)
         .repeat(None)  # repeat after shuffle: grain reshuffles every epoch
         .random_map(_pick_caption(tuple(languages), text_negatives), seed=seed + 1)
-        .batch(local_batch_size, drop_remainder=True)
-        .map(_tokenize_batch(tokenizer, max_text_length))
+        .random_map(_training_image(image_size, crop_scale), seed=seed + 3),
+        local_batch_size, process_index, process_count,
+    ).map(_tokenize_batch(tokenizer, max_text_length))
+
+
+def indexed(source: Sequence[dict[str, Any]]) -> grain.MapDataset:
+    """The records of `source`, each with its `index` in it."""
+    return grain.MapDataset.source(source).map_with_index(
+        lambda index, record: {**record, "index": index}
     )
+
+
+def _host_batches(examples: grain.MapDataset, local_batch_size: int, process_index: int,
+                  process_count: int) -> grain.MapDataset:
+    """Host `process_index`'s slice of each global batch of `examples`. grain is lazy: only the
+    examples of this host's slices are ever read and transformed."""
+    return examples.batch(local_batch_size, drop_remainder=True)[process_index::process_count]
+
+
+def _training_image(image_size: int, crop_scale: Sequence[float]):
+    def prepare(example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        image = image_ops.model_image(example["image"], image_size, rng, crop_scale)
+        return {**example, "image": image}
+
+    return prepare
+
+
+def steps_per_epoch(source_length: int, global_batch_size: int) -> int:
+    """Global batches in one pass over the split (the same on every host)."""
+    return max(1, source_length // global_batch_size)
 
 
 class TranslationMixture:
@@ -142,24 +177,92 @@ def translation_dataset(
     process_index: int = 0,
     process_count: int = 1,
 ) -> grain.MapDataset:
-    """This host's batches of tokenized sentence pairs; index = step, hosts draw disjoint items."""
+    """This host's batches of tokenized sentence pairs; index = step. Like `training_dataset`,
+    one global order of items, each host its slice of every global batch."""
+    return _host_batches(
+        grain.MapDataset.source(mixture), local_batch_size, process_index, process_count
+    ).map(_tokenize_translations(tokenizer, max_text_length))
+
+
+def iterate(dataset: grain.MapDataset, threads: int = 2) -> grain.DatasetIterator:
+    """Batches 0, 1, ..., prepared in background threads; `get_state()` / `set_state()` save and
+    restore the position (what a checkpoint holds)."""
+    options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4)
+    return iter(dataset.to_iter_dataset(options))
+
+
+class TrainingBatches:
+    """This host's training batches from several aligned pipelines (image–text pairs, and with
+    the text–text task translation pairs), merged into one dict per step, with one saveable state.
+    """
+
+    def __init__(self, datasets: dict[str, grain.MapDataset], threads: int = 2):
+        self.iterators = {name: iterate(dataset, threads) for name, dataset in datasets.items()}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch: dict[str, np.ndarray] = {}
+        for iterator in self.iterators.values():
+            batch.update(next(iterator))
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {name: iterator.get_state() for name, iterator in self.iterators.items()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if set(state) != set(self.iterators):
+            raise ValueError(
+                f"the saved data state has pipelines {sorted(state)}, this run {sorted(self.iterators)}"
+            )
+        for name, iterator in self.iterators.items():
+            iterator.set_state(state[name])
+
+
+def evaluation_dataset(
+    source: Sequence[dict[str, Any]],
+    *,
+    image_size: int,
+    local_batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.MapDataset:
+    """This host's evaluation images in batches: `images` (normalised), `index` (position in the
+    split) and `valid`. Every host gets the same number of batches: the shortest shards are padded
+    with copies of a real record marked `valid = False`, which must never count."""
+    host_indices = range(process_index, len(source), process_count)  # disjoint, cover the split
+    longest_shard = -(-len(source) // process_count)
+    total = max(1, -(-longest_shard // local_batch_size)) * local_batch_size
+
+    def prepare(position: int) -> dict[str, Any]:
+        valid = position < len(host_indices)
+        index = host_indices[position] if valid else 0  # padding: any real record, masked out
+        return {
+            "image": image_ops.model_image(source[index]["image"], image_size),
+            "index": index,
+            "valid": valid,
+        }
+
     return (
-        grain.MapDataset.source(mixture)[process_index::process_count]
-        .batch(local_batch_size, drop_remainder=True)
-        .map(_tokenize_translations(tokenizer, max_text_length))
+        grain.MapDataset.range(total)
+        .map(prepare)
+        .batch(local_batch_size)
+        .map(lambda batch: {
+            "images": normalize_images(batch["image"]),
+            "index": np.asarray(batch["index"], np.int32),
+            "valid": np.asarray(batch["valid"], bool),
+        })
     )
 
 
-def iterate_from(dataset: grain.MapDataset, start_step: int, threads: int = 2) -> Iterator[dict]:
-    """Batches `start_step, start_step + 1, ...`, prepared in background threads."""
-    options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4)
-    return iter(dataset[start_step:].to_iter_dataset(options))
-
-
-def load_split(source: Sequence[dict[str, Any]], languages: Sequence[str]) -> dict[str, Any]:
-    """A whole (evaluation) split in memory: uint8 images and, per language, its captions."""
+def load_split(
+    source: Sequence[dict[str, Any]], languages: Sequence[str], image_size: int
+) -> dict[str, Any]:
+    """A whole (evaluation) split in memory: uint8 images (encoded ones decoded with the eval
+    transform) and, per language, its captions."""
     records = [source[index] for index in range(len(source))]
-    images = np.stack([record["image"] for record in records])
+    images = np.stack([image_ops.model_image(record["image"], image_size) for record in records])
     captions = {}
     for language in languages:
         captions[language] = [

@@ -10,16 +10,9 @@ Everything is a function of the config's seed: two builds are identical.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
-import io
-import logging
 import os
-import shutil
-import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,7 +20,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from vlretrieval.data import tokenizer as tokenizer_lib
-from vlretrieval.data.builders import captions, scenes, translation_pairs
+from vlretrieval.data.builders import building, captions, scenes, translation_pairs
+from vlretrieval.data.builders.building import load_prepared_dataset  # noqa: F401 (API)
 # Re-exported: the demo set's vocabulary, languages and scene identity are part of its API.
 from vlretrieval.data.builders.captions import (  # noqa: F401
     CONTENT_WORDS,
@@ -193,26 +187,17 @@ def prepare_demo_data(data_dir: str, config: DemoScenesConfig | None = None) -> 
             f"demo data sizes {sizes} are invalid: num_train must be at least 1 (the tokenizer "
             "learns from it) and no split may be negative"
         )
-    root = Path(data_dir)
-    if root.exists() and not root.is_dir():
-        raise UserError(f"data directory {data_dir} is a file: pass a directory for the demo data")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(
-            f"cannot create data directory {data_dir} ({_one_line(error)}): "
-            "pass a writable directory"
-        ) from error
+    root = building.ensure_data_dir(data_dir, "the demo data")
 
     # Several processes of one job (local multi-host runs) may prepare the same directory at once:
     # one builds, the others wait and reuse.
-    with _exclusive_lock(root / ".demo_scenes.lock"):
-        with _quiet_tfds():  # tfds warns about the custom config and the missing folder
+    with building.exclusive_lock(root / ".demo_scenes.lock"):
+        with building.quiet_tfds():  # tfds warns about the custom config and the missing folder
             builder = DemoScenes(config=config, data_dir=data_dir, file_format="array_record")
             prepared = builder.is_prepared()
         if not prepared:
             _generate(builder, data_dir)
-            with _quiet_tfds():  # reopen, so the builder reads what was written
+            with building.quiet_tfds():  # reopen, so the builder reads what was written
                 builder = DemoScenes(config=config, data_dir=data_dir, file_format="array_record")
         _check_matches_config(builder, config)
         translations = prepare_demo_translations(data_dir, config)
@@ -225,77 +210,22 @@ def prepare_demo_translations(data_dir: str, config: DemoScenesConfig):
     """The demo's translation pairs as a prepared `TranslationPairs` dataset (built on first use)."""
     tsv_dir = os.path.join(data_dir, TRANSLATIONS_FOLDER, config.name)
     name = f"demo_{config.name}"
-    with _quiet_tfds():
+    with building.quiet_tfds():
         existing = translation_pairs.open_prepared(data_dir, name)
     if existing is not None:
         return existing
     if not os.path.isdir(tsv_dir) or len(os.listdir(tsv_dir)) < len(LANGUAGES) - 1:
         # As many pairs per language as there are training images.
         write_demo_translations(tsv_dir, config.seed, config.num_train)
-    with _quiet_tfds():
+    with building.quiet_tfds():
         built = translation_pairs.prepare(tsv_dir, data_dir, name)
-    _remove_empty_download_folders(data_dir)
+    building.remove_empty_download_folders(data_dir)
     return built
 
 
 def _generate(builder: DemoScenes, data_dir: str) -> None:
-    """Runs the tfds build with one line of output.
-
-    tfds writes into an `incomplete.*` sibling folder and renames it when done, so an interrupted
-    build never looks prepared (`is_prepared` needs dataset_info.json in the final folder) and the
-    next call starts again.
-    """
-    if not os.access(data_dir, os.W_OK):
-        raise UserError(f"data directory {data_dir} is not writable: pass a writable directory")
-    # A build killed outright (no `finally`) leaves its incomplete.* folder; we hold the lock,
-    # so no other build of ours is using one.
-    for stale in Path(dataset_dir(builder)).parent.glob(f"incomplete.*_{builder.version}"):
-        shutil.rmtree(stale, ignore_errors=True)
     sizes = "/".join(str(n) for n in builder.builder_config.split_sizes().values())
-    print(
-        f"Generating the demo dataset ({sizes} images) in {dataset_dir(builder)} ...",
-        end="", flush=True,
-    )
-    start = time.perf_counter()
-    try:
-        with _quiet_tfds():
-            builder.download_and_prepare(file_format="array_record")
-    except BaseException as error:  # Ctrl-C included: end the line before the traceback
-        print(" failed", flush=True)
-        if not isinstance(error, OSError):
-            raise
-        raise UserError(
-            f"cannot write the demo dataset into {data_dir} ({_one_line(error)}): "
-            "pass a writable directory with 100 MB free"
-        ) from error
-    print(f" done in {time.perf_counter() - start:.1f} s", flush=True)
-    _remove_empty_download_folders(data_dir)
-
-
-def _remove_empty_download_folders(data_dir: str) -> None:
-    """tfds's download manager leaves an empty downloads/extracted behind: nothing was downloaded."""
-    for empty in ("downloads/extracted", "downloads"):
-        with contextlib.suppress(OSError):  # not empty (other datasets use it) or already gone
-            os.rmdir(os.path.join(data_dir, empty))
-
-
-@contextlib.contextmanager
-def _quiet_tfds() -> Iterator[None]:
-    """Silences tfds's progress bars, prints and info warnings, which would break the one line.
-
-    Everything is restored afterwards: the caller's logging and progress-bar choices stand.
-    """
-    absl_logger = logging.getLogger("absl")
-    level = absl_logger.level
-    bars_were_on = getattr(tfds.core.utils.tqdm_utils, "_active", True)
-    absl_logger.setLevel(logging.ERROR)
-    tfds.display_progress_bar(False)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        tfds.display_progress_bar(bars_were_on)
-        absl_logger.setLevel(level)
+    building.run_build(builder, data_dir, f"the demo dataset ({sizes} images)", "100 MB")
 
 
 def _check_matches_config(builder: DemoScenes, config: DemoScenesConfig) -> None:
@@ -309,13 +239,6 @@ def _check_matches_config(builder: DemoScenes, config: DemoScenesConfig) -> None
         )
 
 
-def _read_all(source, chunk: int = 512) -> Iterator[dict[str, Any]]:
-    """Every record of a data source, in order. Batched reads (`__getitems__`, the grain
-    data-source protocol) are ~30% faster than one at a time."""
-    for start in range(0, len(source), chunk):
-        yield from source.__getitems__(range(start, min(start + chunk, len(source))))
-
-
 def _train_demo_tokenizer(builder: DemoScenes, translations, data_dir: str) -> None:
     """Trains one WordPiece tokenizer for every language on the training captions and the
     translation pairs (the only text of the low-resource language), and saves it."""
@@ -323,11 +246,11 @@ def _train_demo_tokenizer(builder: DemoScenes, translations, data_dir: str) -> N
     pair_sources = translation_pairs.pair_sources(translations)
 
     def texts() -> Iterator[str]:
-        for example in _read_all(source):
+        for example in building.read_all(source):
             for language_captions in example["captions"].values():
                 yield from (text.decode("utf-8") for text in language_captions)
         for pairs in pair_sources.values():
-            for example in _read_all(pairs):
+            for example in building.read_all(pairs):
                 yield example["source"].decode("utf-8")
                 yield example["target"].decode("utf-8")
 
@@ -336,56 +259,6 @@ def _train_demo_tokenizer(builder: DemoScenes, translations, data_dir: str) -> N
         tokenizer_lib.TextTokenizer(tokenizer).save(demo_tokenizer_path(builder))
     except OSError as error:
         raise UserError(
-            f"cannot write the demo tokenizer into {data_dir} ({_one_line(error)}): "
+            f"cannot write the demo tokenizer into {data_dir} ({building.one_line(error)}): "
             "pass a writable directory"
         ) from error
-
-
-@contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    """Holds an advisory lock on `path`; without one (read-only directory) runs unlocked."""
-    try:
-        handle = open(path, "a")
-    except OSError:
-        # A read-only directory can still hold a finished build; building there fails clearly.
-        yield
-        return
-    with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def load_prepared_dataset(dataset_dir: str) -> tfds.core.DatasetBuilder:
-    """Opens a prepared tfds dataset folder (the one holding dataset_info.json), no builder code."""
-    path = Path(dataset_dir)
-    if not path.exists():
-        raise UserError(
-            f"dataset directory {dataset_dir} does not exist: "
-            "pass the folder that holds dataset_info.json"
-        )
-    if not (path / "dataset_info.json").is_file():
-        hint = ""
-        if path.is_dir():  # the data dir itself is a common mistake: point at what is inside
-            found = [*sorted(path.glob("*/dataset_info.json")),
-                     *sorted(path.glob("*/*/*/dataset_info.json"))]
-            if found:
-                hint = f" (did you mean {found[0].parent}?)"
-        raise UserError(
-            f"{dataset_dir} is not a prepared tensorflow-datasets directory (no "
-            "dataset_info.json): pass the folder that holds it, "
-            f"e.g. <data_dir>/demo_scenes/default/1.1.0{hint}"
-        )
-    try:
-        return tfds.builder_from_directory(dataset_dir)
-    except Exception as error:  # tfds raises many types for a damaged folder
-        raise UserError(
-            f"cannot read the dataset in {dataset_dir} ({_one_line(error)}): prepare it again"
-        ) from error
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
