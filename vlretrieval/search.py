@@ -1,0 +1,241 @@
+"""Exact nearest-neighbour search by blocks on the device: top-k and ranks, never the full matrix.
+
+The gallery is walked in blocks of `gallery_chunk` rows inside one jitted loop; each block's
+scores ([query_chunk, gallery_chunk]) are reduced at once (a top-k merged into the running top-k,
+or a count), so memory is O(query_chunk x gallery_chunk) whatever the gallery size, and the
+gallery is read in place: the last block is a slice that ends at the last row (rows the previous
+block already saw are masked), so an unpadded gallery is never copied.
+
+Ties: among equal scores the lower gallery index comes first (as a stable sort), in every block
+and in every merge (the running top-k, which holds only lower indices, is merged in first).
+Queries are split over the devices of a local mesh (the gallery is replicated on each).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh
+
+from vlretrieval import parallel
+
+SCORE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def local_mesh() -> Mesh:
+    """A 1-D mesh over this host's devices: search needs no cross-host collective."""
+    return Mesh(np.asarray(jax.local_devices()), (parallel.DATA_AXIS,))
+
+
+def _score_dtype(name: str):
+    if name not in SCORE_DTYPES:
+        raise ValueError(f"unknown score dtype {name!r}; choose one of {tuple(SCORE_DTYPES)}")
+    return SCORE_DTYPES[name]
+
+
+def _block_reader(queries: jax.Array, slab: jax.Array, valid: jax.Array, gallery_chunk: int, dtype):
+    """`read(b) -> (scores [q, chunk] float32, row in the slab [chunk], row is real [chunk])`."""
+    queries = queries.astype(dtype)
+
+    def read(block: jax.Array):
+        start = block * gallery_chunk
+        rows = lax.dynamic_slice_in_dim(slab, start, gallery_chunk, 0).astype(dtype)
+        # float32 accumulation whatever the input dtype: bfloat16 halves the bytes read, not the
+        # precision of the sum.
+        scores = lax.dot_general(
+            queries, rows, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+        )
+        row = start + jnp.arange(gallery_chunk, dtype=jnp.int32)
+        return scores, row, row < valid
+
+    return read
+
+
+def _exact_block_top_k(scores: jax.Array, k: int, group: int = 128):
+    """`lax.top_k` of [q, n] scores, cheaper: the k best elements lie in the k groups (of `group`
+    consecutive columns) with the highest maxima, ties included when groups tie by lower index.
+    So: maxima of the groups (one cheap pass), top-k groups, then top-k of their k x group
+    elements, taken in column order so that equal scores still go to the lower index."""
+    rows, columns = scores.shape
+    if columns % group or columns // group < 4 * k:
+        return lax.top_k(scores, k)
+    grouped = scores.reshape(rows, columns // group, group)
+    chosen = jnp.sort(lax.top_k(jnp.max(grouped, axis=2), k)[1], axis=1)  # [rows, k] column order
+    candidates = jnp.take_along_axis(grouped, chosen[:, :, None], axis=1).reshape(rows, k * group)
+    values, position = lax.top_k(candidates, k)
+    group_of = jnp.take_along_axis(chosen, position // group, axis=1)
+    return values, group_of * group + position % group
+
+
+def _loop(blocks: int, step, initial):
+    return step(0, initial) if blocks == 1 else lax.fori_loop(0, blocks, step, initial)
+
+
+@functools.partial(jax.jit, static_argnames=("gallery_chunk", "score_dtype"), donate_argnums=(4, 5))
+def _top_k_slab(queries, slab, valid, offset, best_scores, best_index, *, gallery_chunk: int, score_dtype: str):
+    """Merge one slab's top-k into the running ([q, k] scores, [q, k] gallery indices)."""
+    read = _block_reader(queries, slab, valid, gallery_chunk, _score_dtype(score_dtype))
+    k = best_scores.shape[1]
+
+    def step(block, carry):
+        best_scores, best_index = carry
+        scores, row, real = read(block)
+        scores = jnp.where(real[None, :], scores, -jnp.inf)
+        block_scores, position = _exact_block_top_k(scores, min(k, gallery_chunk))
+        # Running results first: on equal scores top_k keeps the earlier (lower-index) entry.
+        merged_scores = jnp.concatenate([best_scores, block_scores], axis=1)
+        merged_index = jnp.concatenate([best_index, offset + row[position]], axis=1)
+        best_scores, chosen = lax.top_k(merged_scores, k)
+        return best_scores, jnp.take_along_axis(merged_index, chosen, axis=1)
+
+    return _loop(slab.shape[0] // gallery_chunk, step, (best_scores, best_index))
+
+
+@functools.partial(jax.jit, static_argnames=("gallery_chunk", "score_dtype"), donate_argnums=(6, 7))
+def _ranks_slab(
+    queries, query_owners, slab, slab_owners, valid, counting, best, count, *, gallery_chunk: int, score_dtype: str
+):
+    """One slab of one of two sweeps: the best positive's score (`counting` false), then the
+    negatives scoring at least as high. Both sweeps run this one compiled program, so a score is
+    bitwise the same as a threshold and when counted (ties must count against the model)."""
+    read = _block_reader(queries, slab, valid, gallery_chunk, _score_dtype(score_dtype))
+
+    def step(block, carry):
+        best, count = carry
+        scores, row, real = read(block)
+        owners = lax.dynamic_slice_in_dim(slab_owners, block * gallery_chunk, gallery_chunk, 0)
+        same = query_owners[:, None] == owners[None, :]
+        block_best = jnp.max(jnp.where(same & real[None, :], scores, -jnp.inf), axis=1)
+        beaten = ~same & real[None, :] & (scores >= best[:, None])
+        block_count = jnp.sum(beaten, axis=1, dtype=jnp.int32)
+        return (
+            jnp.where(counting, best, jnp.maximum(best, block_best)),
+            jnp.where(counting, count + block_count, count),
+        )
+
+    return _loop(slab.shape[0] // gallery_chunk, step, (best, count))
+
+
+class _Slabs:
+    """The gallery streamed to the devices `slab_rows` rows at a time (padded to one shape), so
+    neither host nor device ever holds a second copy of a large gallery."""
+
+    def __init__(self, gallery, gallery_chunk: int, slab_rows: int, mesh: Mesh, extra=None):
+        self.gallery, self.extra = gallery, extra
+        size = gallery.shape[0]
+        self.chunk = max(1, min(gallery_chunk, size))
+        self.rows = -(-min(max(slab_rows, self.chunk), size) // self.chunk) * self.chunk
+        self.sharding = parallel.replicated(mesh)
+
+    def __iter__(self):
+        for offset in range(0, self.gallery.shape[0], self.rows):
+            parts = [self.gallery] + ([] if self.extra is None else [self.extra])
+            parts = [np.asarray(p[offset : offset + self.rows]) for p in parts]
+            valid = len(parts[0])
+            if valid < self.rows:
+                parts = [np.concatenate([p, np.zeros((self.rows - valid, *p.shape[1:]), p.dtype)]) for p in parts]
+            yield offset, np.int32(valid), [jax.device_put(p, self.sharding) for p in parts]
+
+
+def _query_chunks(arrays: list[np.ndarray], query_chunk: int, mesh: Mesh) -> list[tuple[int, list]]:
+    """(real rows, device arrays) per chunk: padded to one shape, rows split over the devices."""
+    count = len(arrays[0])
+    query_chunk = -(-min(query_chunk, max(count, 1)) // mesh.size) * mesh.size
+    sharding = parallel.batch_sharding(mesh)
+    chunks = []
+    for start in range(0, count, query_chunk):
+        parts = [np.asarray(a[start : start + query_chunk]) for a in arrays]
+        real = len(parts[0])
+        if real < query_chunk:  # one compiled shape: pad with copies of the last query
+            parts = [np.concatenate([p, np.repeat(p[-1:], query_chunk - real, axis=0)]) for p in parts]
+        chunks.append((real, [jax.device_put(p, sharding) for p in parts]))
+    return chunks
+
+
+def _check(queries, gallery) -> None:
+    if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
+        raise ValueError(f"queries {queries.shape} and gallery {gallery.shape} must be [n, dim] alike")
+
+
+def top_k(
+    queries: np.ndarray,
+    gallery: np.ndarray,
+    k: int,
+    *,
+    query_chunk: int = 1024,
+    gallery_chunk: int = 16384,
+    slab_rows: int = 131072,
+    score_dtype: str = "float32",
+    mesh: Mesh | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by inner product: ([queries, k] scores, [queries, k] gallery indices), best
+    first, ties to the lower index. `k` is capped at the gallery size."""
+    queries, mesh = np.asarray(queries), local_mesh() if mesh is None else mesh
+    _check(queries, gallery)
+    k = min(k, gallery.shape[0])
+    if not len(queries) or not k:
+        return np.zeros((len(queries), k), np.float32), np.zeros((len(queries), k), np.int32)
+    _score_dtype(score_dtype)
+    slabs = _Slabs(gallery, gallery_chunk, slab_rows, mesh)
+    chunks = _query_chunks([queries], query_chunk, mesh)
+    rows = chunks[0][1][0].shape[0]
+    sharding = parallel.batch_sharding(mesh)
+    state = [
+        (jax.device_put(np.full((rows, k), -np.inf, np.float32), sharding),
+         jax.device_put(np.full((rows, k), -1, np.int32), sharding))
+        for _ in chunks
+    ]
+    for offset, valid, (slab,) in slabs:
+        state = [
+            _top_k_slab(query, slab, valid, np.int32(offset), *best,
+                        gallery_chunk=slabs.chunk, score_dtype=score_dtype)
+            for (_, (query,)), best in zip(chunks, state)
+        ]
+        jax.block_until_ready(state)  # frees this slab before the next is copied: one at a time
+    scores = np.concatenate([np.asarray(s)[:real] for (real, _), (s, _) in zip(chunks, state)])
+    index = np.concatenate([np.asarray(i)[:real] for (real, _), (_, i) in zip(chunks, state)])
+    return scores, index
+
+
+def ranks(
+    queries: np.ndarray,
+    query_owners: np.ndarray,
+    gallery: np.ndarray,
+    gallery_owners: np.ndarray,
+    *,
+    query_chunk: int = 1024,
+    gallery_chunk: int = 16384,
+    slab_rows: int = 131072,
+    score_dtype: str = "float32",
+    mesh: Mesh | None = None,
+) -> np.ndarray:
+    """0-based rank of each query's best positive (a gallery item with the query's owner): the
+    number of negatives scoring at least as high, so ties count against the model."""
+    queries, mesh = np.asarray(queries), local_mesh() if mesh is None else mesh
+    _check(queries, gallery)
+    if not len(queries):
+        return np.zeros((0,), np.int64)
+    _score_dtype(score_dtype)
+    slabs = _Slabs(gallery, gallery_chunk, slab_rows, mesh, np.asarray(gallery_owners, np.int32))
+    chunks = _query_chunks([queries, np.asarray(query_owners, np.int32)], query_chunk, mesh)
+    rows = chunks[0][1][0].shape[0]
+    sharding = parallel.batch_sharding(mesh)
+    state = [
+        (jax.device_put(np.full((rows,), -np.inf, np.float32), sharding),
+         jax.device_put(np.zeros((rows,), np.int32), sharding))
+        for _ in chunks
+    ]
+    for counting in (False, True):
+        for _, valid, (slab, slab_owners) in slabs:
+            state = [
+                _ranks_slab(query, owners, slab, slab_owners, valid, counting, *carry,
+                            gallery_chunk=slabs.chunk, score_dtype=score_dtype)
+                for (_, (query, owners)), carry in zip(chunks, state)
+            ]
+            jax.block_until_ready(state)
+    return np.concatenate([np.asarray(c)[:real] for (real, _), (_, c) in zip(chunks, state)]).astype(np.int64)
