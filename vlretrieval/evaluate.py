@@ -1,12 +1,9 @@
-"""Retrieval evaluation: embed a gallery with jitted batched calls, rank on the device, report recall.
+"""Retrieval evaluation: embed a gallery sharded over every device of every host, rank on the
+device by blocks (`search.py`), report the metrics chosen in the config (`metrics.py`).
 
-Both directions are one computation. Every query and every gallery item has an *owner* (the image
-it belongs to); a gallery item is a positive for a query iff their owners match. A query's rank is
-the number of negatives that score at least as high as its best positive, so
-- text -> image: a caption's rank is that of its own image;
-- image -> text: an image hits at K when *any* of its captions is within the top K (as CLIP_benchmark).
-Ties count against the model, so a collapsed model that maps everything to one point scores ~0,
-not 100%.
+Every query and every gallery item has an *owner* (the image it belongs to); a gallery item is a
+positive for a query iff their owners match (see `metrics.py` for the rank convention: ties count
+against the model, image -> text hits when any caption is in the top K).
 """
 
 from __future__ import annotations
@@ -19,45 +16,63 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from vlretrieval import parallel, rerank
+from vlretrieval import parallel, rerank, search
 from vlretrieval.data.pipeline import normalize_images
 from vlretrieval.data.tokenizer import TextTokenizer
+from vlretrieval.metrics import (  # noqa: F401  (the public names callers import from here)
+    DEFAULT_METRICS,
+    DIRECTIONS,
+    average_over_languages,
+    bidirectional_metrics,
+    metrics_from_ranks,
+    recall_metrics,
+)
 
-DIRECTIONS = ("text_to_image", "image_to_text")
+
+def host_batches(count: int, local_batch_size: int, process_index: int, process_count: int):
+    """This host's (indices, valid) batches over `count` items: every `process_count`-th item
+    from `process_index` (as `pipeline.host_shard`), and every host the same number of batches,
+    the short ones padded with item 0 marked invalid (as `pipeline.evaluation_dataset`)."""
+    host_indices = np.arange(process_index, count, process_count)
+    longest_shard = -(-count // process_count)
+    total = max(1, -(-longest_shard // local_batch_size)) * local_batch_size
+    indices = np.zeros(total, np.int64)
+    indices[: len(host_indices)] = host_indices
+    valid = np.arange(total) < len(host_indices)
+    for start in range(0, total, local_batch_size):
+        yield indices[start : start + local_batch_size], valid[start : start + local_batch_size]
 
 
 def embed_in_batches(
     embed_fn: Callable[..., jax.Array], arrays: Sequence[np.ndarray], batch_size: int, mesh: Mesh
 ) -> np.ndarray:
-    """Apply `embed_fn` to `arrays` in fixed-size batches sharded over the mesh.
+    """`embed_fn` over `arrays` in global batches split over every device of every host.
 
-    The last batch is padded (one compiled shape for all batches) and the padding rows dropped;
-    `batch_size` is rounded up to a multiple of the device count, so any size works on any mesh.
+    Each host feeds its own items (`host_batches`, padded with a `valid` mask so all hosts run the
+    same steps); outputs stay on the devices until the end and are gathered once, with their item
+    indices, into the full [count, dim] array on every host. `batch_size` is rounded up to a
+    multiple of the device count, so any size works on any mesh. `arrays` are whole on every host
+    (only the items a host embeds are read).
     """
     batch_size = -(-batch_size // mesh.size) * mesh.size
+    local_batch = parallel.local_batch_size(batch_size)
     count = len(arrays[0])
-    sharding = parallel.batch_sharding(mesh)
     outputs = []
-    for start in range(0, count, batch_size):
-        chunk = [np.asarray(a[start : start + batch_size]) for a in arrays]
-        real = len(chunk[0])
-        if real < batch_size:
-            chunk = [np.concatenate([c, np.repeat(c[-1:], batch_size - real, axis=0)]) for c in chunk]
-        placed = [jax.device_put(c, sharding) for c in chunk]
-        outputs.append(np.asarray(embed_fn(*placed))[:real])
-    return np.concatenate(outputs)
-
-
-@jax.jit
-def _ranks_of_chunk(
-    queries: jax.Array, query_owners: jax.Array, gallery: jax.Array, gallery_owners: jax.Array
-) -> jax.Array:
-    scores = queries @ gallery.T  # [queries, gallery]
-    positive = query_owners[:, None] == gallery_owners[None, :]
-    best_positive = jnp.max(jnp.where(positive, scores, -jnp.inf), axis=1, keepdims=True)
-    return jnp.sum((scores >= best_positive) & ~positive, axis=1)
+    for indices, valid in host_batches(count, local_batch, jax.process_index(), jax.process_count()):
+        inputs = parallel.global_batch([np.asarray(a[indices]) for a in arrays], mesh)
+        placed = parallel.global_batch({"index": indices.astype(np.int32), "valid": valid}, mesh)
+        outputs.append({"embedding": embed_fn(*inputs), **placed})
+    gathered = multihost_utils.process_allgather(
+        jax.tree.map(lambda *xs: jnp.concatenate(xs), *outputs), tiled=True
+    )
+    valid = np.asarray(gathered["valid"], bool)
+    embeddings = np.asarray(gathered["embedding"])
+    result = np.zeros((count, *embeddings.shape[1:]), embeddings.dtype)
+    result[np.asarray(gathered["index"])[valid]] = embeddings[valid]
+    return result
 
 
 def retrieval_ranks(
@@ -66,73 +81,10 @@ def retrieval_ranks(
     gallery: np.ndarray,
     gallery_owners: np.ndarray,
     query_chunk: int = 1024,
+    **search_options,
 ) -> np.ndarray:
-    """0-based rank of each query's best positive among the gallery, computed on the device.
-
-    Memory is O(query_chunk x gallery); queries are processed in chunks of one padded shape.
-    """
-    gallery = jnp.asarray(gallery, jnp.float32)
-    gallery_owners = jnp.asarray(gallery_owners, jnp.int32)
-    ranks = []
-    for start in range(0, len(queries), query_chunk):
-        chunk = np.asarray(queries[start : start + query_chunk], np.float32)
-        owners = np.asarray(query_owners[start : start + query_chunk], np.int32)
-        real = len(chunk)
-        if real < query_chunk and len(queries) > query_chunk:  # keep one compiled shape
-            chunk = np.concatenate([chunk, np.zeros((query_chunk - real, chunk.shape[1]), np.float32)])
-            owners = np.concatenate([owners, np.full(query_chunk - real, -1, np.int32)])
-        ranks.append(np.asarray(_ranks_of_chunk(chunk, owners, gallery, gallery_owners))[:real])
-    return np.concatenate(ranks)
-
-
-def recall_metrics(ranks: np.ndarray, recall_at: Sequence[int]) -> dict[str, float]:
-    """R@K in percent, and the median and mean 1-based rank."""
-    metrics = {f"R@{k}": float(np.mean(ranks < k) * 100.0) for k in recall_at}
-    metrics["median_rank"] = float(np.median(ranks) + 1)
-    metrics["mean_rank"] = float(np.mean(ranks) + 1)
-    return metrics
-
-
-def metrics_from_ranks(
-    text_to_image_ranks: np.ndarray, image_to_text_ranks: np.ndarray, recall_at: Sequence[int]
-) -> dict[str, Any]:
-    """Both directions' recall metrics and their mean recall (the mean of every R@K)."""
-    results = {
-        "text_to_image": recall_metrics(text_to_image_ranks, recall_at),
-        "image_to_text": recall_metrics(image_to_text_ranks, recall_at),
-    }
-    recalls = [results[d][f"R@{k}"] for d in DIRECTIONS for k in recall_at]
-    results["mean_recall"] = float(np.mean(recalls))
-    return results
-
-
-def bidirectional_metrics(
-    image_embeddings: np.ndarray,
-    text_embeddings: np.ndarray,
-    text_owners: np.ndarray,
-    recall_at: Sequence[int] = (1, 5, 10),
-) -> dict[str, Any]:
-    """Metrics both ways for a gallery of images and captions; `text_owners[j]` is j's image."""
-    image_owners = np.arange(len(image_embeddings))
-    return metrics_from_ranks(
-        retrieval_ranks(text_embeddings, text_owners, image_embeddings, image_owners),
-        retrieval_ranks(image_embeddings, image_owners, text_embeddings, text_owners),
-        recall_at,
-    )
-
-
-def average_over_languages(per_language: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The mean of every metric over languages."""
-    languages = list(per_language)
-    average: dict[str, Any] = {}
-    for direction in DIRECTIONS:
-        keys = per_language[languages[0]][direction]
-        average[direction] = {
-            key: float(np.mean([per_language[lang][direction][key] for lang in languages]))
-            for key in keys
-        }
-    average["mean_recall"] = float(np.mean([per_language[lang]["mean_recall"] for lang in languages]))
-    return average
+    """0-based rank of each query's best positive among the gallery (`search.ranks`)."""
+    return search.ranks(queries, query_owners, gallery, gallery_owners, query_chunk=query_chunk, **search_options)
 
 
 MODES = ("towers", "joint", "rerank")
@@ -163,6 +115,9 @@ def evaluate_split(
     pair_batch_size: int = 256,
     joint_params=None,
     rerank_tower_weight: float = 0.0,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    image_embeddings: np.ndarray | None = None,
+    search_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Per-language and average retrieval metrics on a split loaded by `pipeline.load_split`.
 
@@ -172,6 +127,8 @@ def evaluate_split(
     default `params`) are the weights that score pairs: e.g. the joint model before decomposition,
     re-ranking the shortlist of the decomposed towers. `rerank_tower_weight` > 0 re-orders by
     joint log-odds + weight x tower cosine (score fusion) instead of the joint score alone.
+    `metrics` picks the towers-mode metrics (`metrics.METRICS`); `image_embeddings` (e.g. from a
+    saved index) replace embedding the images; `search_options` go to `search.ranks`.
     """
     if mode not in MODES:
         raise ValueError(f"unknown evaluation mode {mode!r}; choose one of {MODES}")
@@ -183,9 +140,12 @@ def evaluate_split(
     )
     images = normalize_images(split["images"])
     image_owners = np.arange(len(images))
-    image_embeddings = embed_in_batches(
-        lambda batch: encode_image(params, batch), [images], batch_size, mesh
-    )
+    if image_embeddings is None:
+        image_embeddings = embed_in_batches(
+            lambda batch: encode_image(params, batch), [images], batch_size, mesh
+        )
+    elif len(image_embeddings) != len(images):
+        raise ValueError(f"{len(image_embeddings)} image embeddings for {len(images)} images")
     scorer = None
     if mode != "towers":
         scorer = rerank.make_pair_scorer(
@@ -201,7 +161,7 @@ def evaluate_split(
         )
         if mode == "towers":
             per_language[language] = bidirectional_metrics(
-                image_embeddings, text_embeddings, owners, recall_at
+                image_embeddings, text_embeddings, owners, recall_at, metrics, **(search_options or {})
             )
             continue
         pairs = (token_ids, text_mask, images)
@@ -243,22 +203,31 @@ def evaluate_split(
 
 
 def format_table(results: dict[str, Any], recall_at: Sequence[int] = (1, 5, 10)) -> str:
-    """A fixed-width table: one row per language plus the average."""
-    header = (
-        ["language"]
-        + [f"T->I R@{k}" for k in recall_at]
-        + [f"I->T R@{k}" for k in recall_at]
-        + ["mean recall"]
-    )
+    """A fixed-width table: one row per language plus the average (the columns that exist)."""
+    average = results["average"]
+    columns = [
+        (f"{short} R@{k}", direction, f"R@{k}")
+        for short, direction in (("T->I", "text_to_image"), ("I->T", "image_to_text"))
+        for k in recall_at
+        if f"R@{k}" in average.get(direction, {})
+    ]
+    columns += [
+        (f"{short} {name}", direction, name)
+        for short, direction in (("T->I", "text_to_image"), ("I->T", "image_to_text"))
+        for name in ("mAP", "mAP@R")
+        if name in average.get(direction, {})
+    ]
+    header = ["language"] + [title for title, _, _ in columns]
+    with_mean = "mean_recall" in average
+    if with_mean:
+        header.append("mean recall")
     rows = [header]
-    entries = list(results["languages"].items()) + [("average", results["average"])]
+    entries = list(results["languages"].items()) + [("average", average)]
     for name, metrics in entries:
-        rows.append(
-            [name]
-            + [f"{metrics['text_to_image'][f'R@{k}']:.1f}" for k in recall_at]
-            + [f"{metrics['image_to_text'][f'R@{k}']:.1f}" for k in recall_at]
-            + [f"{metrics['mean_recall']:.1f}"]
-        )
+        row = [name] + [f"{metrics[direction][key]:.1f}" for _, direction, key in columns]
+        if with_mean:
+            row.append(f"{metrics['mean_recall']:.1f}")
+        rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -1,0 +1,194 @@
+"""Retrieval metrics both ways between images and captions, each selectable by name.
+
+Every query and gallery item has an *owner* (the image it belongs to); a gallery item is a
+positive for a query iff their owners match. A query's rank is the number of negatives that score
+at least as high as its best positive (ties count against the model: a collapsed model scores ~0),
+so text -> image ranks a caption's own image, and image -> text hits at K when *any* of the
+image's captions is in the top K (as CLIP_benchmark).
+
+Metric names (config `eval.metrics`):
+- `recall`: R@K (percent) for K in `recall_at`, both ways;
+- `rank`: median and mean 1-based rank, both ways;
+- `mean_recall`: the mean of every R@K of both directions;
+- `paired_recall`: R@K on the 1:1 pairs (each image with its first caption only), both ways;
+- `map`, `map_at_r`: mAP and mAP@R (Musgrave et al. 2020) with the owner as the label, both ways
+  (any labels through `average_precision`); ties are ordered by gallery index;
+- `hamming`: R@K and mAP on binary codes (the sign of each coordinate) by Hamming distance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlretrieval import search
+
+DIRECTIONS = ("text_to_image", "image_to_text")
+METRICS = ("recall", "rank", "mean_recall", "paired_recall", "map", "map_at_r", "hamming")
+DEFAULT_METRICS = ("recall", "rank", "mean_recall")
+
+
+def check_metrics(names: Sequence[str]) -> tuple[str, ...]:
+    unknown = [name for name in names if name not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric {unknown[0]!r} in config.eval.metrics; choose from {METRICS}")
+    return tuple(names)
+
+
+def recall_metrics(ranks: np.ndarray, recall_at: Sequence[int]) -> dict[str, float]:
+    """R@K in percent, and the median and mean 1-based rank."""
+    metrics = {f"R@{k}": float(np.mean(ranks < k) * 100.0) for k in recall_at}
+    metrics["median_rank"] = float(np.median(ranks) + 1)
+    metrics["mean_rank"] = float(np.mean(ranks) + 1)
+    return metrics
+
+
+def metrics_from_ranks(
+    text_to_image_ranks: np.ndarray, image_to_text_ranks: np.ndarray, recall_at: Sequence[int]
+) -> dict[str, Any]:
+    """Both directions' recall metrics and their mean recall (the mean of every R@K)."""
+    results = {
+        "text_to_image": recall_metrics(text_to_image_ranks, recall_at),
+        "image_to_text": recall_metrics(image_to_text_ranks, recall_at),
+    }
+    recalls = [results[d][f"R@{k}"] for d in DIRECTIONS for k in recall_at]
+    results["mean_recall"] = float(np.mean(recalls))
+    return results
+
+
+@jax.jit
+def _average_precision_chunk(queries, query_labels, gallery, gallery_labels):
+    scores = queries @ gallery.T
+    order = jnp.argsort(-scores, axis=1, stable=True)  # equal scores: lower gallery index first
+    relevant = gallery_labels[order] == query_labels[:, None]
+    hits = jnp.cumsum(relevant, axis=1)
+    position = jnp.arange(1, gallery.shape[0] + 1)
+    precision_at_hits = jnp.where(relevant, hits / position, 0.0)
+    total = hits[:, -1]
+    denominator = jnp.maximum(total, 1)
+    average = precision_at_hits.sum(axis=1) / denominator
+    # mAP@R: R = the query's number of positives; precision summed over the first R positions only.
+    at_r = jnp.where(position[None, :] <= total[:, None], precision_at_hits, 0.0).sum(axis=1) / denominator
+    return average, at_r, total
+
+
+def average_precision(
+    queries: np.ndarray,
+    query_labels: np.ndarray,
+    gallery: np.ndarray,
+    gallery_labels: np.ndarray,
+    max_scores_per_chunk: int = 1 << 24,
+) -> tuple[float, float]:
+    """(mAP, mAP@R) in percent over the queries that have at least one positive.
+
+    Each query chunk sorts its whole score row on the device: memory O(chunk x gallery), the chunk
+    sized so that it holds about `max_scores_per_chunk` scores.
+    """
+    chunk = max(1, min(len(queries), max_scores_per_chunk // max(len(gallery), 1)))
+    gallery = jnp.asarray(gallery, jnp.float32)
+    gallery_labels = jnp.asarray(gallery_labels, jnp.int32)
+    averages, at_rs, totals = [], [], []
+    for start in range(0, len(queries), chunk):
+        rows = np.asarray(queries[start : start + chunk], np.float32)
+        labels = np.asarray(query_labels[start : start + chunk], np.int32)
+        real = len(rows)
+        if real < chunk:  # one compiled shape
+            rows = np.concatenate([rows, np.repeat(rows[-1:], chunk - real, axis=0)])
+            labels = np.concatenate([labels, np.repeat(labels[-1:], chunk - real)])
+        average, at_r, total = (np.asarray(x)[:real] for x in _average_precision_chunk(rows, labels, gallery, gallery_labels))
+        averages.append(average), at_rs.append(at_r), totals.append(total)
+    has_positive = np.concatenate(totals) > 0
+    if not has_positive.any():
+        return 0.0, 0.0
+    return (
+        float(np.concatenate(averages)[has_positive].mean() * 100.0),
+        float(np.concatenate(at_rs)[has_positive].mean() * 100.0),
+    )
+
+
+def binary_codes(embeddings: np.ndarray) -> np.ndarray:
+    """+-1 codes (a coordinate >= 0 is +1): their inner product is dim - 2 x Hamming distance, so
+    ranking by it is ranking by Hamming distance."""
+    return np.where(np.asarray(embeddings) >= 0, 1.0, -1.0).astype(np.float32)
+
+
+def _both_ways(images, texts, text_owners, recall_at, search_options) -> dict[str, Any]:
+    image_owners = np.arange(len(images))
+    return metrics_from_ranks(
+        search.ranks(texts, text_owners, images, image_owners, **search_options),
+        search.ranks(images, image_owners, texts, text_owners, **search_options),
+        recall_at,
+    )
+
+
+def bidirectional_metrics(
+    image_embeddings: np.ndarray,
+    text_embeddings: np.ndarray,
+    text_owners: np.ndarray,
+    recall_at: Sequence[int] = (1, 5, 10),
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    **search_options,
+) -> dict[str, Any]:
+    """The selected metrics both ways for a gallery of images and captions; `text_owners[j]` is
+    caption j's image. `search_options` go to `search.ranks` (chunk sizes, score dtype, mesh)."""
+    metrics = check_metrics(metrics)
+    text_owners = np.asarray(text_owners)
+    image_owners = np.arange(len(image_embeddings))
+    full = _both_ways(image_embeddings, text_embeddings, text_owners, recall_at, search_options)
+    results: dict[str, Any] = {direction: {} for direction in DIRECTIONS}
+    for direction in DIRECTIONS:
+        if "recall" in metrics:
+            results[direction].update({f"R@{k}": full[direction][f"R@{k}"] for k in recall_at})
+        if "rank" in metrics:
+            results[direction].update(
+                median_rank=full[direction]["median_rank"], mean_rank=full[direction]["mean_rank"]
+            )
+    if "mean_recall" in metrics:
+        results["mean_recall"] = full["mean_recall"]
+    if "map" in metrics or "map_at_r" in metrics:
+        for direction, (queries, query_labels, gallery, gallery_labels) in zip(DIRECTIONS, (
+            (text_embeddings, text_owners, image_embeddings, image_owners),
+            (image_embeddings, image_owners, text_embeddings, text_owners),
+        )):
+            average, at_r = average_precision(queries, query_labels, gallery, gallery_labels)
+            if "map" in metrics:
+                results[direction]["mAP"] = average
+            if "map_at_r" in metrics:
+                results[direction]["mAP@R"] = at_r
+    if "paired_recall" in metrics:
+        # 1:1 pairs: each captioned image with its first caption; the positive is that one item.
+        captioned, first = np.unique(text_owners, return_index=True)
+        paired = _both_ways(
+            image_embeddings[captioned], text_embeddings[first], np.arange(len(first)), recall_at, search_options
+        )
+        results["paired"] = _recall_only(paired, recall_at)
+    if "hamming" in metrics:
+        image_codes, text_codes = binary_codes(image_embeddings), binary_codes(text_embeddings)
+        hamming = _recall_only(_both_ways(image_codes, text_codes, text_owners, recall_at, search_options), recall_at)
+        hamming["text_to_image"]["mAP"] = average_precision(text_codes, text_owners, image_codes, image_owners)[0]
+        hamming["image_to_text"]["mAP"] = average_precision(image_codes, image_owners, text_codes, text_owners)[0]
+        results["hamming"] = hamming
+    return results
+
+
+def _recall_only(results: dict[str, Any], recall_at: Sequence[int]) -> dict[str, Any]:
+    return {
+        **{d: {f"R@{k}": results[d][f"R@{k}"] for k in recall_at} for d in DIRECTIONS},
+        "mean_recall": results["mean_recall"],
+    }
+
+
+def average_over_languages(per_language: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The mean of every metric (nested dicts of floats alike) over languages."""
+    values = list(per_language.values())
+
+    def mean(entries: list) -> Any:
+        if isinstance(entries[0], dict):
+            return {key: mean([entry[key] for entry in entries]) for key in entries[0]}
+        return float(np.mean(entries))
+
+    return mean(values)
