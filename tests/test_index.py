@@ -1,0 +1,123 @@
+"""Saved indexes: round trip, refusal of incompatible encoders, index -> search and eval --index."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs.demo import get_config
+from tests.helpers import tiny_model_config
+from vlretrieval import index, retrieval, train
+from vlretrieval.data.tokenizer import TextTokenizer, train_wordpiece_tokenizer
+from vlretrieval.errors import UserError
+from vlretrieval.models import build_model, init_params
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = ["red", "green", "blue", "square", "circle", "small", "large", "a", "the", "on"]
+
+
+def unit(rows, dim, seed=0):
+    vectors = np.random.default_rng(seed).normal(size=(rows, dim)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def test_round_trip_keeps_embeddings_ids_and_provenance(tmp_path):
+    path = str(tmp_path / "gallery.safetensors")
+    embeddings = unit(5, 8)
+    ids = ["img0", "ünïcode", "", "a/b", "4"]
+    index.write_index(path, embeddings, ids, step=42, config_hash="abc123")
+    saved = index.read_index(path)
+    np.testing.assert_array_equal(saved.embeddings, embeddings)
+    assert saved.item_ids == ids and saved.step == 42 and saved.config_hash == "abc123"
+    assert saved.normalized and saved.dim == 8 and saved.modality == "image"
+    assert not os.path.exists(path + ".tmp")
+
+
+def test_incompatible_encoders_and_files_are_refused_in_one_line(tmp_path):
+    path = str(tmp_path / "gallery.safetensors")
+    index.write_index(path, unit(3, 8), ["a", "b", "c"], step=1, config_hash="h")
+    saved = index.read_index(path)
+    with pytest.raises(UserError, match="dimension 8 but this query encoder gives 16"):
+        index.query_checker(saved, path)(unit(2, 16))
+    with pytest.raises(UserError, match="L2-normalised but this query encoder's are not normalised"):
+        index.query_checker(saved, path)(3 * unit(2, 8))
+    index.query_checker(saved, path)(unit(2, 8))  # compatible: no error
+    with pytest.raises(UserError, match="no such file"):
+        index.read_index(str(tmp_path / "missing.safetensors"))
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match="not a readable safetensors file"):
+        index.read_index(str(tmp_path / "junk.safetensors"))
+
+
+class FakeData:
+    """What `datasets.open_dataset` returns, for a tiny in-memory split."""
+
+    def __init__(self, tokenizer, images, captions):
+        self.tokenizer = tokenizer
+        self.records = [
+            {"image": image, "image_id": f"photo{i}".encode(), "captions": {"en": [c.encode() for c in caps]}}
+            for i, (image, caps) in enumerate(zip(images, captions))
+        ]
+
+    def split(self, name):
+        return self.records
+
+
+def test_index_then_search_and_eval_with_the_index(tmp_path, monkeypatch):
+    tokenizer = TextTokenizer(train_wordpiece_tokenizer(iter(WORDS * 20), vocab_size=100))
+    config = get_config()
+    config.model = tiny_model_config()
+    config.data.languages = ("en",)
+    config.data.max_text_length = 8
+    config.eval.batch_size = 8
+    config.eval.metrics = ("recall", "map")
+    config.train.num_devices = 1  # sharding is tested in test_sharded_eval.py; here: the files
+    model = build_model(config.model, tokenizer.vocab_size)
+    params = init_params(model, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 16, 16, 3)).astype(np.uint8)
+    captions = [[" ".join(rng.choice(WORDS, 4)) for _ in range(2)] for _ in range(6)]
+    data = FakeData(tokenizer, images, captions)
+    monkeypatch.setattr(retrieval, "_restore", lambda config, workdir: (model, params, data, 7))
+
+    path = str(tmp_path / "gallery.safetensors")
+    summary = retrieval.build_index(config, str(tmp_path), path)
+    assert summary["items"] == 6 and summary["step"] == 7 and summary["normalized"]
+    saved = index.read_index(path)
+    assert saved.item_ids == [f"photo{i}" for i in range(6)]
+    assert saved.config_hash == index.config_hash(config.model)
+
+    found = retrieval.search_index(config, str(tmp_path), path, [captions[3][0], "red square"], k=3)
+    assert [len(f["results"]) for f in found] == [3, 3]
+    scores = [r["score"] for r in found[0]["results"]]
+    assert scores == sorted(scores, reverse=True)
+
+    # eval with the index gives the metrics of eval embedding the images itself.
+    (tmp_path / "direct").mkdir()
+    config.eval.report = False
+    direct = train.evaluate_checkpoint(config, str(tmp_path / "direct"), model, params, data)
+    config.eval.report = True
+    config.eval.index = path
+    indexed = train.evaluate_checkpoint(config, str(tmp_path), model, params, data)
+    assert indexed["languages"] == direct["languages"] and indexed["index"]["step"] == 7
+    assert os.path.exists(tmp_path / "results.md") and os.path.exists(tmp_path / "results_recall_at_k.png")
+
+    # An index of another dimension is refused.
+    index.write_index(path, unit(6, 4), [str(i) for i in range(6)], step=1, config_hash="other")
+    with pytest.raises(UserError, match="dimension 4"):
+        train.evaluate_checkpoint(config, str(tmp_path), model, params, data)
+
+
+def test_cli_search_with_a_missing_index_is_one_error_line(tmp_path):
+    missing = tmp_path / "none.safetensors"
+    result = subprocess.run(
+        [sys.executable, "-m", "vlretrieval.cli", "search", "--config", "configs/demo.py:tiny",
+         "--workdir", str(tmp_path / "w"), "--index", str(missing), "--query", "a red square"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(missing) in lines[0]

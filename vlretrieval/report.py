@@ -1,0 +1,110 @@
+"""A results report beside results.json: a Markdown table and PNG plots (matplotlib, Agg backend).
+
+- `results.md`: one row per language and the average, a column per metric found in the results
+  (values as in results.json, one decimal);
+- `recall_at_k.png`: R@K against K, one panel per direction, a line per language;
+- `languages.png`: per-language bars of R@1 both ways and mean recall (when there are languages).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from vlretrieval.metrics import DIRECTIONS
+
+ARROWS = {"text_to_image": "T→I", "image_to_text": "I→T"}
+
+
+def table_columns(results: dict[str, Any]) -> list[tuple[str, tuple[str, ...]]]:
+    """(title, key path) for every number of the average entry, in a stable order."""
+    average = results["average"]
+    columns = []
+    for section, prefix in ((None, ""), ("paired", "paired "), ("hamming", "Hamming ")):
+        entry = average if section is None else average.get(section)
+        if not entry:
+            continue
+        base = () if section is None else (section,)
+        for direction in DIRECTIONS:
+            for key in entry.get(direction, {}):
+                columns.append((f"{prefix}{ARROWS[direction]} {key}", base + (direction, key)))
+        if "mean_recall" in entry:
+            columns.append((f"{prefix}mean recall", base + ("mean_recall",)))
+    return columns
+
+
+def lookup(entry: dict[str, Any], path: tuple[str, ...]) -> float:
+    for key in path:
+        entry = entry[key]
+    return float(entry)
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    columns = table_columns(results)
+    lines = [
+        "| language | " + " | ".join(title for title, _ in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    entries = list(results["languages"].items()) + [("average", results["average"])]
+    for name, entry in entries:
+        lines.append(f"| {name} | " + " | ".join(f"{lookup(entry, path):.1f}" for _, path in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _recall_points(entry: dict[str, Any]) -> tuple[list[int], list[float]]:
+    ks = sorted(int(key[2:]) for key in entry if key.startswith("R@"))
+    return ks, [entry[f"R@{k}"] for k in ks]
+
+
+def write_report(results: dict[str, Any], workdir: str, stem: str = "results") -> list[str]:
+    """Write `<stem>.md`, `<stem>_recall_at_k.png` and (with languages) `<stem>_languages.png`."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: files only
+    import matplotlib.pyplot as plt
+
+    written = []
+    path = os.path.join(workdir, f"{stem}.md")
+    with open(path, "w") as handle:
+        handle.write(markdown_table(results))
+    written.append(path)
+
+    entries = list(results["languages"].items()) + [("average", results["average"])]
+    if any(_recall_points(results["average"].get(d, {}))[0] for d in DIRECTIONS):
+        figure, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
+        for axis, direction in zip(axes, DIRECTIONS):
+            for name, entry in entries:
+                ks, values = _recall_points(entry.get(direction, {}))
+                axis.plot(ks, values, marker="o", linewidth=2.5 if name == "average" else 1.2, label=name)
+            axis.set_xscale("log")
+            axis.set_title(f"{ARROWS[direction]} recall@K")
+            axis.set_xlabel("K")
+            axis.grid(alpha=0.3)
+        axes[0].set_ylabel("R@K (%)")
+        axes[1].legend(fontsize=8)
+        figure.tight_layout()
+        path = os.path.join(workdir, f"{stem}_recall_at_k.png")
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        written.append(path)
+
+    languages = list(results["languages"])
+    bars = [(f"{ARROWS[d]} R@1", (d, "R@1")) for d in DIRECTIONS if "R@1" in results["average"].get(d, {})]
+    if "mean_recall" in results["average"]:
+        bars.append(("mean recall", ("mean_recall",)))
+    if languages and bars:
+        figure, axis = plt.subplots(figsize=(max(4.0, 1.2 * len(languages) + 2), 3.6))
+        width = 0.8 / len(bars)
+        for offset, (title, path_keys) in enumerate(bars):
+            values = [lookup(results["languages"][language], path_keys) for language in languages]
+            axis.bar([i + offset * width for i in range(len(languages))], values, width, label=title)
+        axis.set_xticks([i + width * (len(bars) - 1) / 2 for i in range(len(languages))], languages)
+        axis.set_ylabel("%")
+        axis.set_title("per language")
+        axis.legend(fontsize=8)
+        figure.tight_layout()
+        path = os.path.join(workdir, f"{stem}_languages.png")
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        written.append(path)
+    return written

@@ -1,0 +1,106 @@
+"""The `index` and `search` commands: embed a gallery once into a saved index, query it later.
+
+`index` embeds the images of `config.eval.split` (the first `config.eval.max_images`) with the
+checkpoint's image tower, sharded over every device of every host, and writes a safetensors
+index (`index.py`). `search` embeds text queries with the checkpoint's text tower, which may be a
+newer one than the index's, and prints each query's top k by the chunked on-device search.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import jax
+import ml_collections
+
+from vlretrieval import evaluate, index, parallel, search
+from vlretrieval.data import pipeline
+from vlretrieval.errors import UserError
+
+
+def _restore(config: ml_collections.ConfigDict, workdir: str):
+    """(model, params, data, step) of the latest checkpoint in `workdir`."""
+    from vlretrieval.checkpoint import Checkpointer
+    from vlretrieval.data import datasets
+    from vlretrieval.models import build_model
+    from vlretrieval.train import create_train_state, make_optimizer
+
+    data = datasets.open_dataset(config.data, seed=config.seed)
+    model = build_model(config.model, data.tokenizer.vocab_size)
+    tx, _ = make_optimizer(config.optimizer, config.train.num_steps)
+    checkpointer = Checkpointer(workdir)
+    step, state = checkpointer.restore_latest(create_train_state(model, tx, config.seed))
+    checkpointer.close()
+    return model, state.params, data, step
+
+
+def _item_id(record, position: int) -> str:
+    value = record.get("image_id", position) if isinstance(record, dict) else position
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def build_index(config: ml_collections.ConfigDict, workdir: str, output: str) -> dict:
+    """Embed the evaluation split's images and write them as an index at `output`."""
+    model, params, data, step = _restore(config, workdir)
+    source = data.split(config.eval.split)
+    split = evaluate.subset(
+        pipeline.load_split(source, config.data.languages, config.model.image_size), config.eval.max_images
+    )
+    count = len(split["images"])
+    mesh = parallel.make_mesh(config.train.num_devices or None)
+    params = parallel.replicate(params, mesh)
+    encode = jax.jit(lambda p, images: model.apply({"params": p}, images, method=model.encode_image))
+    embeddings = evaluate.embed_in_batches(
+        lambda batch: encode(params, batch), [pipeline.normalize_images(split["images"])],
+        config.eval.batch_size, mesh,
+    )
+    ids = [_item_id(source[position], position) for position in range(count)]
+    if jax.process_index() == 0:
+        index.write_index(output, embeddings, ids, step=step, config_hash=index.config_hash(config.model))
+    return {"index": output, "items": count, "dim": int(embeddings.shape[1]), "step": step,
+            "normalized": index.is_normalized(embeddings)}
+
+
+def search_index(
+    config: ml_collections.ConfigDict, workdir: str, index_path: str, queries: Sequence[str], k: int
+) -> list[dict]:
+    """Each text query's top k items of the index: [{query, results: [{id, score}]}]."""
+    if not queries:
+        raise UserError("no queries: pass --query TEXT (repeatable) or --queries_file FILE")
+    saved = index.read_index(index_path)
+    model, params, data, _ = _restore(config, workdir)
+    mesh = parallel.make_mesh(config.train.num_devices or None)
+    params = parallel.replicate(params, mesh)
+    encode = jax.jit(lambda p, ids, mask: model.apply({"params": p}, ids, mask, method=model.encode_text))
+    token_ids, text_mask = data.tokenizer.encode(list(queries), config.data.max_text_length)
+    embeddings = evaluate.embed_in_batches(
+        lambda ids, mask: encode(params, ids, mask), [token_ids, text_mask], config.eval.batch_size, mesh
+    )
+    index.query_checker(saved, index_path)(embeddings)
+    scores, found = search.top_k(
+        embeddings, saved.embeddings, k, query_chunk=config.eval.query_chunk,
+        gallery_chunk=config.eval.gallery_chunk, score_dtype=config.eval.score_dtype,
+    )
+    return [
+        {"query": query,
+         "results": [{"id": saved.item_ids[i], "score": float(s)} for i, s in zip(row, row_scores)]}
+        for query, row, row_scores in zip(queries, found, scores)
+    ]
+
+
+def read_queries(queries: Sequence[str] | None, queries_file: str | None) -> list[str]:
+    texts = list(queries or [])
+    if queries_file:
+        try:
+            with open(queries_file, encoding="utf-8") as handle:
+                texts += [line.strip() for line in handle if line.strip()]
+        except OSError as error:
+            raise UserError(f"--queries_file {queries_file}: {error.strerror}") from None
+    return texts
+
+
+def print_results(results: list[dict]) -> None:
+    """One JSON line per query: easy to read and to pipe."""
+    for result in results:
+        print(json.dumps(result, ensure_ascii=False))
