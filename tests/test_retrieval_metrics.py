@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from vlretrieval import metrics
+from vlretrieval.errors import UserError
 from vlretrieval.evaluate import format_table
 
 
@@ -86,7 +87,7 @@ def test_hamming_retrieval_ranks_by_sign_agreement_not_cosine():
 
 
 def test_unknown_metric_is_refused():
-    with pytest.raises(ValueError, match="unknown metric 'ndcg'"):
+    with pytest.raises(UserError, match="unknown metric 'ndcg'"):
         metrics.bidirectional_metrics(IMAGES, TEXTS, TEXT_OWNERS, (1,), ("recall", "ndcg"))
 
 

@@ -117,6 +117,7 @@ def evaluate_split(
     rerank_tower_weight: float = 0.0,
     metrics: Sequence[str] = DEFAULT_METRICS,
     image_embeddings: np.ndarray | None = None,
+    check_queries: Callable[[np.ndarray], None] | None = None,
     search_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Per-language and average retrieval metrics on a split loaded by `pipeline.load_split`.
@@ -128,7 +129,8 @@ def evaluate_split(
     re-ranking the shortlist of the decomposed towers. `rerank_tower_weight` > 0 re-orders by
     joint log-odds + weight x tower cosine (score fusion) instead of the joint score alone.
     `metrics` picks the towers-mode metrics (`metrics.METRICS`); `image_embeddings` (e.g. from a
-    saved index) replace embedding the images; `search_options` go to `search.ranks`.
+    saved index) replace embedding the images, and `check_queries` may refuse the text
+    embeddings that cannot be compared with them; `search_options` go to `search.ranks`.
     """
     if mode not in MODES:
         raise ValueError(f"unknown evaluation mode {mode!r}; choose one of {MODES}")
@@ -159,6 +161,8 @@ def evaluate_split(
         text_embeddings = embed_in_batches(
             lambda ids, mask: encode_text(params, ids, mask), [token_ids, text_mask], batch_size, mesh
         )
+        if check_queries is not None:
+            check_queries(text_embeddings)
         if mode == "towers":
             per_language[language] = bidirectional_metrics(
                 image_embeddings, text_embeddings, owners, recall_at, metrics, **(search_options or {})

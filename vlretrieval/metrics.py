@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlretrieval import search
+from vlretrieval.errors import UserError
 
 DIRECTIONS = ("text_to_image", "image_to_text")
 METRICS = ("recall", "rank", "mean_recall", "paired_recall", "map", "map_at_r", "hamming")
@@ -35,7 +36,7 @@ DEFAULT_METRICS = ("recall", "rank", "mean_recall")
 def check_metrics(names: Sequence[str]) -> tuple[str, ...]:
     unknown = [name for name in names if name not in METRICS]
     if unknown:
-        raise ValueError(f"unknown metric {unknown[0]!r} in config.eval.metrics; choose from {METRICS}")
+        raise UserError(f"unknown metric {unknown[0]!r} in config.eval.metrics; choose from {METRICS}")
     return tuple(names)
 
 
