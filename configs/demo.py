@@ -154,6 +154,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.model.transformer = transformer(width=32, depth=1, heads=2)
         config.model.image_transformer = transformer(width=32, depth=1, heads=2)
         config.model.text_transformer = transformer(width=32, depth=1, heads=2)
+    # Metrics reported in towers mode (vlretrieval/metrics.py): recall, rank, mean_recall,
+    # paired_recall, map, map_at_r, hamming.
+    config.eval.metrics = ("recall", "rank", "mean_recall")
+    # Exact top-k / ranks by blocks on the device: memory O(query_chunk x gallery_chunk).
+    config.eval.query_chunk = 1024
+    config.eval.gallery_chunk = 16384
+    config.eval.score_dtype = "float32"  # or "bfloat16" (float32 sums either way)
+    # A saved image index (`vlretrieval index`) to rank against instead of embedding the images.
+    config.eval.index = ""
+    # Also write results.md and PNG plots (recall@K curves, per-language bars) beside results.json.
+    config.eval.report = True
         config.model.head.embed_dim = 32
         config.train.batch_size = 32
         config.train.num_steps = 6
