@@ -148,12 +148,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # checkpoints/<step>); empty = the evaluated checkpoint itself.
     config.eval.joint_from = ""
     config.eval.max_images = 0  # evaluate on the first N images only (0 = all): joint mode is O(N^2)
-
-    if arg == "tiny":  # a smoke run: tiny data, tiny model, a few steps
-        config.data.num_train, config.data.num_validation, config.data.num_test = 256, 32, 64
-        config.model.transformer = transformer(width=32, depth=1, heads=2)
-        config.model.image_transformer = transformer(width=32, depth=1, heads=2)
-        config.model.text_transformer = transformer(width=32, depth=1, heads=2)
     # Metrics reported in towers mode (vlretrieval/metrics.py): recall, rank, mean_recall,
     # paired_recall, map, map_at_r, hamming.
     config.eval.metrics = ("recall", "rank", "mean_recall")
@@ -165,6 +159,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval.index = ""
     # Also write results.md and PNG plots (recall@K curves, per-language bars) beside results.json.
     config.eval.report = True
+
+    if arg == "tiny":  # a smoke run: tiny data, tiny model, a few steps
+        config.data.num_train, config.data.num_validation, config.data.num_test = 256, 32, 64
+        config.model.transformer = transformer(width=32, depth=1, heads=2)
+        config.model.image_transformer = transformer(width=32, depth=1, heads=2)
+        config.model.text_transformer = transformer(width=32, depth=1, heads=2)
         config.model.head.embed_dim = 32
         config.train.batch_size = 32
         config.train.num_steps = 6
