@@ -285,6 +285,9 @@ def evaluate_checkpoint(
     config: ml_collections.ConfigDict, workdir: str, model=None, params=None, data=None
 ) -> dict[str, Any]:
     """Evaluate `params` (or the latest checkpoint in `workdir`) on `config.eval.split`."""
+    from vlretrieval import index as index_file
+    from vlretrieval import metrics, report
+
     if model is None:
         data = datasets.open_dataset(config.data, seed=config.seed)
         model = build_model(config.model, data.tokenizer.vocab_size)
@@ -302,6 +305,9 @@ def evaluate_checkpoint(
         ),
         config.eval.max_images,
     )
+    # A saved image index (`vlretrieval index`) stands in for embedding the images; the query
+    # encoder must give vectors of its dimension and normalisation.
+    saved_index = index_file.read_index(config.eval.index) if config.eval.index else None
     results = evaluate_split(
         model,
         params,
@@ -316,12 +322,23 @@ def evaluate_checkpoint(
         pair_batch_size=config.eval.pair_batch_size,
         joint_params=joint_params,
         rerank_tower_weight=config.eval.rerank_tower_weight,
+        metrics=metrics.check_metrics(config.eval.metrics),
+        image_embeddings=None if saved_index is None else index_file.gallery_for_split(
+            saved_index, config.eval.index, len(split["images"])),
+        check_queries=None if saved_index is None else index_file.query_checker(saved_index, config.eval.index),
+        search_options=dict(query_chunk=config.eval.query_chunk, gallery_chunk=config.eval.gallery_chunk,
+                            score_dtype=config.eval.score_dtype),
     )
     results["split"] = config.eval.split
+    if saved_index is not None:
+        results["index"] = {"path": config.eval.index, "step": saved_index.step,
+                            "config_hash": saved_index.config_hash}
     if jax.process_index() == 0:
         # Towers results are the run's results.json; other modes do not overwrite them.
         name = "results.json" if config.eval.mode == "towers" else f"results_{config.eval.mode}.json"
         write_results(results, workdir, name)
+        if config.eval.report:
+            report.write_report(results, workdir, name[: -len(".json")])
     return results
 
 
