@@ -1,4 +1,4 @@
-"""`vlretrieval <command>`: prepare-data, train, eval, demo, convert.
+"""`vlretrieval <command>`: prepare-data, train, eval, demo, index, search, convert.
 
 Every command takes `--config FILE[:ARG]` and any number of `--config.key=value` overrides.
 Bad input (an unknown config key, a missing file, an unwritable workdir, a diverged loss) ends with
@@ -59,7 +59,23 @@ def _parser() -> argparse.ArgumentParser:
         help="the checkpoint whose joint model scores pairs (default: the evaluated one), e.g. "
         "the joint model before decomposition",
     )
+    evaluate.add_argument(
+        "--index", dest="eval_index",
+        help="rank against this saved image index (`vlretrieval index`) instead of embedding the "
+        "images: shorthand for --config.eval.index",
+    )
     command("demo", "Train and evaluate the demo end to end and print the results table.")
+    index_command = command(
+        "index", "Embed the images of config.eval.split with the latest checkpoint in --workdir "
+        "and save them as an index (safetensors: embeddings, item ids, step, config hash).")
+    index_command.add_argument("--output", required=True, help="the index file to write")
+    search_command = command(
+        "search", "Embed text queries with the latest checkpoint in --workdir and print each "
+        "one's top k items of a saved index, one JSON line per query.")
+    search_command.add_argument("--index", required=True, help="an index written by `vlretrieval index`")
+    search_command.add_argument("--query", action="append", help="a text query (repeatable)")
+    search_command.add_argument("--queries_file", help="a UTF-8 file of queries, one per line")
+    search_command.add_argument("--k", type=int, default=10, help="results per query (default 10)")
     convert_help = ("Convert checkpoints: a Hugging Face folder (BertModel, XLMRobertaModel, "
                     "ViTModel, CLIPModel, ViltModel) to a vlretrieval run folder, or a "
                     "vlretrieval checkpoint's towers to a Hugging Face folder.")
@@ -107,6 +123,8 @@ def run(argv: list[str]) -> int:
         overrides.insert(0, f"eval.joint_from={args.joint_from}")
     if getattr(args, "shortlist", None):
         overrides.insert(0, f"eval.shortlist={args.shortlist}")
+    if getattr(args, "eval_index", None):
+        overrides.insert(0, f"eval.index={args.eval_index}")
 
     # Imports after argument parsing: `--help` stays instant, and JAX starts only when needed.
     from vlretrieval.config import load_config
@@ -132,6 +150,19 @@ def run(argv: list[str]) -> int:
     if args.command == "eval":
         results = train.evaluate_checkpoint(config, args.workdir)
         print(format_table(results, config.eval.recall_at))
+        return 0
+    if args.command == "index":
+        from vlretrieval import retrieval
+
+        summary = retrieval.build_index(config, args.workdir, args.output)
+        print(f"wrote {summary['items']} embeddings of dimension {summary['dim']} "
+              f"(checkpoint step {summary['step']}) to {summary['index']}")
+        return 0
+    if args.command == "search":
+        from vlretrieval import retrieval
+
+        queries = retrieval.read_queries(args.query, args.queries_file)
+        retrieval.print_results(retrieval.search_index(config, args.workdir, args.index, queries, args.k))
         return 0
     raise AssertionError(args.command)
 
