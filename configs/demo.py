@@ -88,6 +88,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.accumulation_steps = 1
     # Start a new run from another run's parameters: a workdir, or one of its checkpoints/<step>.
     config.train.init_from = ""
+    # Checkpoints: the last keep_last, plus the keep_best best by eval_<best_metric> when
+    # eval_every > 0 (an evaluation on config.eval.split every that many steps; 0 = at the end).
+    config.train.keep_last = 3
+    config.train.keep_best = 1
+    config.train.best_metric = "mean_recall"
+    config.train.eval_every = 0
 
     # Each term's weight (0 = off); see vlretrieval/objectives.py.
     config.objectives = ml_collections.ConfigDict(

@@ -115,10 +115,10 @@ def test_the_mixture_draws_language_pairs_in_the_configured_proportions():
     ]
     batch = hosts[0][3]
     assert batch["bitext_source_ids"].shape == (16, 2) and batch["bitext_pair"].shape == (16,)
-    # The two hosts read disjoint items of the one mixture: host h, batch b, row r is item
-    # 2 * (16 b + r) + h.
+    # The two hosts read disjoint slices of each global batch of the one mixture: host h,
+    # batch b, row r is item 32 b + 16 h + r.
     assert [int(p) for p in hosts[1][3]["bitext_pair"]] == [
-        mixture[2 * (16 * 3 + row) + 1]["pair"] for row in range(16)
+        mixture[32 * 3 + 16 + row]["pair"] for row in range(16)
     ]
 
 

@@ -1,62 +1,119 @@
-"""orbax checkpoints of the train state, the input pipeline's state and the experiment config,
-in `<workdir>/checkpoints`.
+"""orbax checkpoints in `<workdir>/checkpoints`: train state (parameters, optimizer state, step,
+RNG), every host's input pipeline state, the experiment config, and eval metrics when there are.
 
-The pipeline state (`pipeline.TrainingBatches.get_state()`) is saved with every step so a resumed
-run reads exactly the batches it had not read. Every host's pipeline is at the same position (one
-batch per step each), so the primary host's state stands for all of them.
+Saves are asynchronous (training goes on while the previous step's arrays are written) and
+atomic: orbax writes into a temporary folder and renames it when complete, so a process killed
+mid-save leaves no checkpoint that looks complete (its temporary folder is removed at the next
+start). Kept: the last `keep_last` and the `keep_best` best by an eval metric. Resuming takes the
+latest complete checkpoint; one that cannot be read (a truncated file) is set aside as
+`<step>.unreadable-<time>` with a warning, and the one before it is used.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
 
 from vlretrieval.errors import UserError
+from vlretrieval.parallel import hosts
 
 
 class Checkpointer:
-    """Saves asynchronously every N steps, keeps the last `max_to_keep`, restores the latest."""
+    """One run's checkpoints: asynchronous saves, last-K + best-K retention, resumable restore."""
 
-    def __init__(self, workdir: str, max_to_keep: int = 3):
+    def __init__(self, workdir: str, keep_last: int = 3, keep_best: int = 0,
+                 best_metric: str = "mean_recall"):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        policies = [checkpoint_managers.LatestN(keep_last)]
+        if keep_best:
+            # Higher is better (a recall): BestN keeps the end of the ascending order.
+            policies.append(checkpoint_managers.BestN(
+                get_metric_fn=lambda metrics: metrics[best_metric], n=keep_best,
+                keep_checkpoints_without_metrics=False,
+            ))
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+            options=ocp.CheckpointManagerOptions(
+                create=True,
+                cleanup_tmp_directories=True,  # what a save killed half-way left behind
+                preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+            ),
         )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
     def save(
-        self, step: int, state: Any, config: ml_collections.ConfigDict, data_state: Any = None
+        self,
+        step: int,
+        state: Any,
+        config: ml_collections.ConfigDict,
+        data_state: Any = None,
+        metrics: dict[str, float] | None = None,
     ) -> None:
+        """Starts an asynchronous save. `data_state` is this host's pipeline state: every host's
+        is gathered, so a resumed run restores each host's own. Every process must call it."""
         items = {
             "state": ocp.args.StandardSave(state),
             "config": ocp.args.JsonSave(config.to_dict()),
         }
         if data_state is not None:
-            items["data_state"] = ocp.args.JsonSave(data_state)
-        self.manager.save(step, args=ocp.args.Composite(**items))
+            states = hosts.gather_json(data_state)
+            items["data_state"] = ocp.args.JsonSave(
+                {f"process_{index}": value for index, value in enumerate(states)}
+            )
+        self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
     def restore_data_state(self, step: int) -> Any:
-        """The input pipeline's state saved at `step`, or None (a checkpoint without one)."""
+        """This host's input pipeline state saved at `step`, or None (a checkpoint without one).
+
+        A run resumed on another number of hosts takes process 0's: every host's pipeline is at
+        the same global step, which is all its position depends on (`pipeline.training_dataset`).
+        """
         if "data_state" not in self.manager.item_metadata(step):
             return None
         restored = self.manager.restore(
             step, args=ocp.args.Composite(data_state=ocp.args.JsonRestore())
-        )
-        return restored.data_state
+        ).data_state
+        return restored.get(f"process_{jax.process_index()}", restored["process_0"])
 
     def restore(self, state_template: Any, step: int | None = None) -> Any:
-        """The saved state at `step` (default: the latest), shaped and sharded like the template."""
-        step = self.latest_step() if step is None else step
-        if step is None:
+        """The saved state at `step`, or at the latest readable step, shaped and sharded like the
+        template."""
+        if step is not None:
+            return self._restore_step(state_template, step)
+        return self.restore_latest(state_template)[1]
+
+    def restore_latest(self, state_template: Any) -> tuple[int, Any]:
+        """(step, state) of the latest checkpoint that can be read. A later one that cannot is
+        set aside with a warning; if none can, the latest's error is raised."""
+        steps = self.all_steps()
+        if not steps:
             raise UserError(f"no checkpoint in {self.directory}; train first or pass --workdir")
+        first_error = None
+        for position, step in enumerate(reversed(steps)):
+            try:
+                state = self._restore_step(state_template, step)
+            except UserError as error:
+                first_error = first_error or error
+                continue
+            for unreadable in steps[len(steps) - position:]:
+                self._set_aside(unreadable, first_error)
+            return step, state
+        raise first_error
+
+    def _restore_step(self, state_template: Any, step: int) -> Any:
         try:
             restored = self.manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(state_template))
@@ -64,9 +121,25 @@ class Checkpointer:
         except (ValueError, KeyError) as error:
             raise UserError(
                 f"checkpoint {self.directory}/{step} does not match this model's parameters "
-                f"(a different config?): {str(error).splitlines()[0]}"
+                f"(a different config?) or is damaged: {_first_line(error)}"
+            ) from None
+        except Exception as error:  # orbax / tensorstore raise many types for damaged files
+            raise UserError(
+                f"checkpoint {self.directory}/{step} cannot be read: {_first_line(error)}"
             ) from None
         return restored.state
+
+    def _set_aside(self, step: int, error: Exception) -> None:
+        """Renames an unreadable checkpoint out of orbax's sight (kept for inspection), so the
+        resumed run can save that step again."""
+        source = os.path.join(self.directory, str(step))
+        target = f"{source}.unreadable-{int(time.time())}"
+        if jax.process_index() == 0:
+            os.rename(source, target)
+            print(f"warning: skipping checkpoint {source}, which cannot be read ({error}); "
+                  f"moved to {target}", file=sys.stderr, flush=True)
+        hosts.barrier("set_aside_checkpoint")
+        self.manager.reload()
 
     def wait(self) -> None:
         """Block until asynchronous saves are on disk."""
@@ -74,6 +147,11 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
 
 
 def has_checkpoint(workdir: str) -> bool:

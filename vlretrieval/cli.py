@@ -12,6 +12,7 @@ import os
 import sys
 
 from vlretrieval.errors import UserError
+from vlretrieval.preemption import PREEMPTED_EXIT_STATUS, Preempted
 
 DEFAULT_CONFIG = os.path.join("configs", "demo.py")
 
@@ -36,16 +37,35 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--no_progress", action="store_true", help="no progress bar")
         return sub
 
-    def with_init_from(sub: argparse.ArgumentParser) -> None:
+    def with_init_from(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
         sub.add_argument(
             "--init_from",
             help="start from another run's parameters (a workdir or checkpoints/<step>): "
             "shorthand for --config.train.init_from",
         )
+        return sub
+
+    def with_hosts(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        group = sub.add_argument_group(
+            "multi-host", "join a run of several processes (JAX's distributed runtime); without "
+            "these, SLURM and Cloud TPU pods are detected from the environment"
+        )
+        group.add_argument("--coordinator_address", help="HOST:PORT of process 0")
+        group.add_argument("--num_processes", type=int, help="processes in the run")
+        group.add_argument("--process_id", type=int, help="this process's index, 0-based")
+        group.add_argument(
+            "--heartbeat_timeout", type=int, default=60,
+            help="seconds without a peer's heartbeat before every process stops (default 60)",
+        )
+        return sub
 
     command("prepare-data", "Build the config's dataset and tokenizer (the demo set is generated).", workdir=False)
-    with_init_from(command("train", "Train (resuming from the latest checkpoint in --workdir), then evaluate."))
-    evaluate = command("eval", "Evaluate the latest checkpoint in --workdir and write results.json.")
+    with_hosts(with_init_from(
+        command("train", "Train (resuming from the latest checkpoint in --workdir), then evaluate.")
+    ))
+    evaluate = with_hosts(
+        command("eval", "Evaluate the latest checkpoint in --workdir and write results.json.")
+    )
     evaluate.add_argument(
         "--mode",
         choices=("towers", "joint", "rerank"),
@@ -64,14 +84,14 @@ def _parser() -> argparse.ArgumentParser:
         help="rank against this saved image index (`vlretrieval index`) instead of embedding the "
         "images: shorthand for --config.eval.index",
     )
-    command("demo", "Train and evaluate the demo end to end and print the results table.")
-    index_command = command(
+    with_hosts(command("demo", "Train and evaluate the demo end to end and print the results table."))
+    index_command = with_hosts(command(
         "index", "Embed the images of config.eval.split with the latest checkpoint in --workdir "
-        "and save them as an index (safetensors: embeddings, item ids, step, config hash).")
+        "and save them as an index (safetensors: embeddings, item ids, step, config hash)."))
     index_command.add_argument("--output", required=True, help="the index file to write")
-    search_command = command(
+    search_command = with_hosts(command(
         "search", "Embed text queries with the latest checkpoint in --workdir and print each "
-        "one's top k items of a saved index, one JSON line per query.")
+        "one's top k items of a saved index, one JSON line per query."))
     search_command.add_argument("--index", required=True, help="an index written by `vlretrieval index`")
     search_command.add_argument("--query", action="append", help="a text query (repeatable)")
     search_command.add_argument("--queries_file", help="a UTF-8 file of queries, one per line")
@@ -137,32 +157,51 @@ def run(argv: list[str]) -> int:
         print(f"dataset ready in {data.directory}; tokenizer vocabulary {data.tokenizer.vocab_size}")
         return 0
 
+    from vlretrieval.parallel import hosts
+
+    # Before anything touches JAX's devices: every process of a multi-host run joins here.
+    if hosts.initialize(hosts.host_setup(
+        args.coordinator_address, args.num_processes, args.process_id, args.heartbeat_timeout
+    )):
+        hosts.start_watchdog(timeout=args.heartbeat_timeout / 2)
+    import jax
+
     from vlretrieval import train
     from vlretrieval.evaluate import format_table
 
-    progress = not args.no_progress
+    progress = not args.no_progress and jax.process_index() == 0
     if args.command in ("train", "demo"):
-        results = train.train_and_evaluate(config, args.workdir, progress=progress)
+        try:
+            results = train.train_and_evaluate(config, args.workdir, progress=progress)
+        except Preempted:
+            hosts.finish()  # every host stopped at the same step
+            raise
+        hosts.finish()
         if args.command == "demo":
             print(f"\nresults: {os.path.join(args.workdir, 'results.json')}; "
                   f"wall time {results['wall_seconds']:.0f} s")
         return 0
     if args.command == "eval":
         results = train.evaluate_checkpoint(config, args.workdir)
-        print(format_table(results, config.eval.recall_at))
+        hosts.finish()
+        if jax.process_index() == 0:
+            print(format_table(results, config.eval.recall_at))
         return 0
-    if args.command == "index":
+    if args.command in ("index", "search"):
         from vlretrieval import retrieval
 
-        summary = retrieval.build_index(config, args.workdir, args.output)
-        print(f"wrote {summary['items']} embeddings of dimension {summary['dim']} "
-              f"(checkpoint step {summary['step']}) to {summary['index']}")
-        return 0
-    if args.command == "search":
-        from vlretrieval import retrieval
-
-        queries = retrieval.read_queries(args.query, args.queries_file)
-        retrieval.print_results(retrieval.search_index(config, args.workdir, args.index, queries, args.k))
+        if args.command == "index":
+            summary = retrieval.build_index(config, args.workdir, args.output)
+        else:
+            queries = retrieval.read_queries(args.query, args.queries_file)
+            found = retrieval.search_index(config, args.workdir, args.index, queries, args.k)
+        hosts.finish()
+        if jax.process_index() == 0:
+            if args.command == "index":
+                print(f"wrote {summary['items']} embeddings of dimension {summary['dim']} "
+                      f"(checkpoint step {summary['step']}) to {summary['index']}")
+            else:
+                retrieval.print_results(found)
         return 0
     raise AssertionError(args.command)
 
@@ -173,6 +212,9 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         code = 2
+    except Preempted as stopped:
+        print(str(stopped), file=sys.stderr)
+        code = PREEMPTED_EXIT_STATUS
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         code = 130

@@ -18,7 +18,7 @@ import ml_collections
 import optax
 from tqdm import tqdm
 
-from vlretrieval import objectives, parallel
+from vlretrieval import objectives, parallel, preemption
 from vlretrieval.accumulate import accumulated_value_and_grad
 from vlretrieval.checkpoint import Checkpointer, has_checkpoint, load_params
 from vlretrieval.convert.initialise import initial_params
@@ -149,6 +149,24 @@ class MetricsWriter:
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
 
+    def keep_until(self, step: int) -> None:
+        """On resume: drop the records after the checkpoint's step (those steps run again) and a
+        last line cut short by a killed process, so the file stays one clean trajectory."""
+        if jax.process_index() != 0 or not os.path.exists(self.path):
+            return
+        kept = []
+        with open(self.path) as handle:
+            for line in handle:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if record.get("step", 0) <= step:
+                    kept.append(json.dumps(record) + "\n")
+        with open(self.path + ".tmp", "w") as handle:
+            handle.writelines(kept)
+        os.replace(self.path + ".tmp", self.path)
+
 
 def _check_finite(metrics: dict[str, float], step: int) -> None:
     if not math.isfinite(metrics["loss"]):
@@ -185,10 +203,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
         state = state.replace(params=params, opt_state=tx.init(params))
         print(f"initialised the parameters from {config.train.init_from}")
     os.makedirs(workdir, exist_ok=True)  # only now: every input has been checked
-    checkpointer = Checkpointer(workdir)
-    start_step = checkpointer.latest_step() or 0
-    if start_step:
-        state = checkpointer.restore(state)
+    checkpointer = Checkpointer(
+        workdir, keep_last=config.train.keep_last, keep_best=config.train.keep_best,
+        best_metric=config.train.best_metric,
+    )
+    start_step = 0
+    if checkpointer.all_steps():
+        start_step, state = checkpointer.restore_latest(state)
         print(f"resuming from the checkpoint at step {start_step} in {checkpointer.directory}")
     state_shardings = parallel.state_shardings(state, mesh, config.train.fsdp)
     state = jax.device_put(state, state_shardings)
@@ -209,6 +230,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
         donate_argnums=0,
     )
     writer = MetricsWriter(workdir)
+    writer.keep_until(start_step)
     num_steps = config.train.num_steps
     batches = _training_batches(config, data, translations)
     if start_step:
@@ -223,28 +245,59 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
         total=num_steps, initial=start_step, unit="step", disable=not progress or start_step >= num_steps
     )
     last_time, last_step = time.perf_counter(), start_step
-    for step in range(start_step + 1, num_steps + 1):
-        state, metrics = step_fn(state, parallel.global_batch(next(batches), mesh))
-        bar.update(1)
-        is_last = step == num_steps
-        if step % config.train.log_every == 0 or step % config.train.checkpoint_every == 0 or is_last:
-            metrics = {key: float(value) for key, value in jax.device_get(metrics).items()}
-            _check_finite(metrics, step)
-            now = time.perf_counter()
-            metrics["examples_per_second"] = (step - last_step) * global_batch_size / (now - last_time)
-            last_time, last_step = now, step
-            writer.write({"step": step, **metrics})
-            bar.set_postfix(
-                loss=f"{metrics['loss']:.3f}", ex_per_s=f"{metrics['examples_per_second']:.0f}"
-            )
-        if step % config.train.checkpoint_every == 0 or is_last:
-            checkpointer.save(step, state, config, batches.get_state())
-        if step % epoch_steps == 0 and data.bad_records is not None:
-            tqdm.write(f"epoch {step // epoch_steps} done: preparation {summary(data.bad_records)}")
+    with preemption.SigtermGuard() as sigterm:
+        for step in range(start_step + 1, num_steps + 1):
+            state, metrics = step_fn(state, parallel.global_batch(next(batches), mesh))
+            bar.update(1)
+            is_last = step == num_steps
+            preempted = sigterm.requested()  # on every host at the same step
+            saving = step % config.train.checkpoint_every == 0 or is_last or preempted
+            if step % config.train.log_every == 0 or saving:
+                metrics = {key: float(value) for key, value in jax.device_get(metrics).items()}
+                _check_finite(metrics, step)
+                now = time.perf_counter()
+                metrics["examples_per_second"] = (
+                    (step - last_step) * global_batch_size / (now - last_time)
+                )
+                last_time, last_step = now, step
+                writer.write({"step": step, **metrics})
+                bar.set_postfix(
+                    loss=f"{metrics['loss']:.3f}", ex_per_s=f"{metrics['examples_per_second']:.0f}"
+                )
+            eval_metrics = None
+            if config.train.eval_every and (step % config.train.eval_every == 0 or is_last):
+                eval_metrics = _evaluate_during_training(config, model, state.params, data, mesh)
+                writer.write({"step": step, **{f"eval_{k}": v for k, v in eval_metrics.items()}})
+                saving = True  # the metric ranks checkpoints: keep one at every evaluation
+            if saving:
+                checkpointer.save(step, state, config, batches.get_state(), eval_metrics)
+                preemption.fault_point_after_save_started(step)
+            if step % epoch_steps == 0 and data.bad_records is not None:
+                tqdm.write(f"epoch {step // epoch_steps} done: preparation {summary(data.bad_records)}")
+            if preempted:
+                bar.close()
+                checkpointer.wait()
+                checkpointer.close()
+                raise preemption.Preempted(step, checkpointer.directory)
     bar.close()
     checkpointer.wait()
     checkpointer.close()
     return model, state.params, data
+
+
+def _evaluate_during_training(config, model, params, data, mesh) -> dict[str, float]:
+    """Mean recall (average over languages) on `config.eval.split`, to rank checkpoints."""
+    split = subset(
+        pipeline.load_split(
+            data.split(config.eval.split), config.data.languages, config.model.image_size
+        ),
+        config.eval.max_images,
+    )
+    results = evaluate_split(
+        model, params, split, data.tokenizer, mesh=mesh, batch_size=config.eval.batch_size,
+        max_text_length=config.data.max_text_length, recall_at=config.eval.recall_at,
+    )
+    return {"mean_recall": results["average"]["mean_recall"]}
 
 
 def _training_batches(config: ml_collections.ConfigDict, data, translations):

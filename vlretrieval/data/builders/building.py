@@ -9,14 +9,28 @@ import io
 import logging
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import tensorflow_datasets as tfds
+from etils import epath
 
 from vlretrieval.errors import UserError
+
+
+class LocalBuilder(tfds.core.GeneratorBasedBuilder):
+    """A tfds builder defined in this package rather than in an installed dataset package."""
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        """The defining module's file. tfds's own lookup imports `importlib_resources`, which
+        tfds 4.9.10 does not install on Python >= 3.9 (tensorflow/datasets#11212), so building
+        would fail without this."""
+        return epath.Path(sys.modules[cls.__module__].__file__)
 
 
 def remove_stale_incomplete(builder: tfds.core.DatasetBuilder) -> None:

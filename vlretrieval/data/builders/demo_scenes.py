@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 
 from vlretrieval.data import tokenizer as tokenizer_lib
 from vlretrieval.data.builders import building, captions, scenes, translation_pairs
 from vlretrieval.data.builders.building import load_prepared_dataset  # noqa: F401 (API)
+
 # Re-exported: the demo set's vocabulary, languages and scene identity are part of its API.
 from vlretrieval.data.builders.captions import (  # noqa: F401
     CONTENT_WORDS,
@@ -111,7 +111,7 @@ def write_demo_translations(directory: str, seed: int, pairs_per_language: int) 
     return paths
 
 
-class DemoScenes(tfds.core.GeneratorBasedBuilder):
+class DemoScenes(building.LocalBuilder):
     """Shapes-and-captions scenes, 64x64 RGB, five captions per image in en/de/fr/es (and it,
     outside the training split)."""
 
@@ -122,13 +122,6 @@ class DemoScenes(tfds.core.GeneratorBasedBuilder):
     }
     BUILDER_CONFIGS = [DEFAULT_CONFIG]
     DEFAULT_BUILDER_CONFIG_NAME = "default"
-
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-        """This file. tfds's own lookup imports `importlib_resources`, which tfds 4.9.10 does not
-        install on Python >= 3.9 (tensorflow/datasets#11212), so building would fail without it."""
-        return epath.Path(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
         config = self.builder_config

@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 from PIL import Image, UnidentifiedImageError
 
 from vlretrieval.data.builders import building, layouts
@@ -91,17 +90,11 @@ def check_image(data: bytes) -> None:
         image.load()
 
 
-class ImageCaptions(tfds.core.GeneratorBasedBuilder):
+class ImageCaptions(building.LocalBuilder):
     """One image per example with its encoded bytes, id and captions in every language."""
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "First release."}
-
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-        """This file (tfds's default lookup needs an installed dataset package)."""
-        return epath.Path(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
         config = self.builder_config

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import tensorflow_datasets as tfds
-from etils import epath
 
+from vlretrieval.data.builders import building
 from vlretrieval.errors import UserError
 
 # ISO 639 codes, optionally with a region or script: "en", "pt_BR", "zh_Hant".
@@ -79,17 +79,11 @@ class TranslationPairsConfig(tfds.core.BuilderConfig):
     tsv_dir: str = ""
 
 
-class TranslationPairs(tfds.core.GeneratorBasedBuilder):
+class TranslationPairs(building.LocalBuilder):
     """Sentence pairs with their language codes: one split per language pair, named "en-it"."""
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "First release."}
-
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-        """This file (see `DemoScenes.code_path`: tfds's lookup needs a missing package)."""
-        return epath.Path(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
         text = tfds.features.Text()
