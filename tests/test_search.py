@@ -23,7 +23,7 @@ def tied_data(rng, queries, gallery, dim):
     "gallery_size,k,query_chunk,gallery_chunk,slab_rows",
     [
         (1001, 7, 16, 100, 300),  # several slabs, a padded last block and slab
-        (5000, 10, 64, 2048, 4096),  # the grouped block top-k path (2048 columns = 16 groups)
+        (12000, 10, 64, 6144, 12288),  # the grouped block top-k path (2 blocks of 6,016 = 47 groups)
         (37, 50, 8, 16, 16),  # k above the gallery size: capped
     ],
 )
