@@ -77,6 +77,9 @@ def write_report(results: dict[str, Any], workdir: str, stem: str = "results") -
                 ks, values = _recall_points(entry.get(direction, {}))
                 axis.plot(ks, values, marker="o", linewidth=2.5 if name == "average" else 1.2, label=name)
             axis.set_xscale("log")
+            ks = _recall_points(results["average"].get(direction, {}))[0]
+            axis.set_xticks(ks, [str(k) for k in ks])
+            axis.minorticks_off()
             axis.set_title(f"{ARROWS[direction]} recall@K")
             axis.set_xlabel("K")
             axis.grid(alpha=0.3)
