@@ -22,6 +22,7 @@ def transformer(width: int, depth: int, heads: int) -> ml_collections.ConfigDict
             layer_norm_eps=1e-6,
             activation="gelu",
             remat=False,
+            causal=False,  # CLIP's text tower attends to earlier tokens only
         )
     )
 
@@ -72,7 +73,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             # (SigLIP initialises temperature 0.1 and bias -10).
             logit_bias=False,
             initial_logit_bias=-10.0,
+            # A dense + tanh on the pooled token (BERT's / ViT's pooler), for converted models.
+            text_pooler=False,
+            image_pooler=False,
         )
+    )
+    # Embedding details of converted Hugging Face models (kind == "dual"): BERT has token-type
+    # embeddings and a LayerNorm on them; CLIP has neither, and no bias on its patch projection
+    # but a LayerNorm before the image encoder.
+    config.model.text_embeddings = ml_collections.ConfigDict(
+        dict(type_vocab_size=2, layer_norm=True, layer_norm_eps=1e-12)
+    )
+    config.model.image_embeddings = ml_collections.ConfigDict(
+        dict(patch_bias=True, layer_norm=False, layer_norm_eps=1e-5)
     )
 
     config.train = ml_collections.ConfigDict()

@@ -1,5 +1,10 @@
 """Small model configs and numerical comparisons shared by the tests."""
 
+import os
+import socket
+import subprocess
+import sys
+
 import jax
 import ml_collections
 import numpy as np
@@ -40,3 +45,27 @@ def assert_close_relative(got, want, rtol=1e-5):
         tolerance = max(rtol * np.max(np.abs(b)), 1e-6 * overall)
         difference = np.max(np.abs(a - b))
         assert difference <= tolerance, f"{path}: differs by {difference:.3g} > {tolerance:.3g}"
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as handle:
+        handle.bind(("127.0.0.1", 0))
+        return handle.getsockname()[1]
+
+
+def run_local_hosts(script: str, outputs, count: int = 2, timeout: float = 240) -> None:
+    """Runs `python -c script ADDRESS PROCESS_ID OUTPUT ROOT` as `count` local processes of one
+    multi-host run (one CPU device each) and checks they all succeed; each writes `outputs[i]`."""
+    address = f"127.0.0.1:{free_port()}"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    hosts = [
+        subprocess.Popen([sys.executable, "-c", script, address, str(i), str(outputs[i]), ROOT],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(count)
+    ]
+    for host in hosts:
+        output, _ = host.communicate(timeout=timeout)
+        assert host.returncode == 0, output

@@ -2,19 +2,15 @@
 
 import io
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers import run_local_hosts
 from vlretrieval.data import images, pipeline
 from vlretrieval.data.tokenizer import TextTokenizer, train_wordpiece_tokenizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ["red", "green", "blue", "square", "circle", "small", "large", "a", "the", "on"]
 
 
@@ -140,12 +136,6 @@ def test_padded_evaluation_batches_give_every_host_the_same_steps_and_mask_the_p
     assert sorted(seen) == list(range(11))  # padding never counts; every image exactly once
 
 
-def _free_port() -> int:
-    with socket.socket() as handle:
-        handle.bind(("127.0.0.1", 0))
-        return handle.getsockname()[1]
-
-
 _HOST_SCRIPT = r"""
 import json, sys
 import jax
@@ -169,17 +159,8 @@ jax.distributed.shutdown()
 
 
 def test_two_hosts_read_disjoint_slices_of_the_same_global_batches(tmp_path, tokenizer):
-    address = f"127.0.0.1:{_free_port()}"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
     outputs = [tmp_path / f"host{i}.json" for i in range(2)]
-    hosts = [
-        subprocess.Popen([sys.executable, "-c", _HOST_SCRIPT, address, str(i), str(outputs[i]), ROOT],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(2)
-    ]
-    for host in hosts:
-        output, _ = host.communicate(timeout=240)
-        assert host.returncode == 0, output
+    run_local_hosts(_HOST_SCRIPT, outputs)
     read = [json.loads(path.read_text()) for path in outputs]
     assert [r["process"] for r in read] == [0, 1]
     assert read[0]["epoch_steps"] == read[1]["epoch_steps"] == 3  # hosts agree on an epoch

@@ -2,18 +2,14 @@
 (jax.distributed on 127.0.0.1 with gloo), each host embedding its own padded share."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
+from tests.helpers import run_local_hosts
 from vlretrieval import evaluate, metrics, parallel
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ["red", "green", "blue", "square", "circle", "small", "large", "a", "the", "on"]
 
 
@@ -99,24 +95,9 @@ jax.distributed.shutdown()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as handle:
-        handle.bind(("127.0.0.1", 0))
-        return handle.getsockname()[1]
-
-
 def test_two_processes_give_the_metrics_of_one_device(tmp_path):
-    address = f"127.0.0.1:{_free_port()}"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
     outputs = [tmp_path / f"host{i}.json" for i in range(2)]
-    hosts = [
-        subprocess.Popen([sys.executable, "-c", _HOST_SCRIPT, address, str(i), str(outputs[i]), ROOT],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(2)
-    ]
-    for host in hosts:
-        output, _ = host.communicate(timeout=240)
-        assert host.returncode == 0, output
+    run_local_hosts(_HOST_SCRIPT, outputs)
     one = toy_metrics(parallel.make_mesh(1))
     for path in outputs:
         got = json.loads(path.read_text())

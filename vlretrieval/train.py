@@ -403,5 +403,6 @@ def train_and_evaluate(
     model, params, data = train(config, workdir, progress=progress)
     results = evaluate_checkpoint(config, workdir, model, params, data)
     results["wall_seconds"] = time.perf_counter() - started
-    print(format_table(results, config.eval.recall_at))
+    if jax.process_index() == 0:
+        print(format_table(results, config.eval.recall_at))
     return results
