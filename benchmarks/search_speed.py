@@ -127,10 +127,10 @@ def memory(args) -> dict:
     chunk = min(args.query_chunk, args.memory_queries)
     slab = search._Slabs(gallery, args.gallery_chunk, args.slab_rows, search.local_mesh())
     compiled = search._top_k_slab.lower(
-        jax.ShapeDtypeStruct((chunk, args.dim), np.float32),
+        jax.ShapeDtypeStruct((1, chunk, args.dim), np.float32),
         jax.ShapeDtypeStruct((slab.rows, args.dim), np.float32),
         np.int32(0), np.int32(0),
-        jax.ShapeDtypeStruct((chunk, args.k), np.float32), jax.ShapeDtypeStruct((chunk, args.k), np.int32),
+        jax.ShapeDtypeStruct((1, chunk, args.k), np.float32), jax.ShapeDtypeStruct((1, chunk, args.k), np.int32),
         gallery_chunk=slab.chunk, score_dtype="float32",
     ).compile()
     analysis = compiled.memory_analysis()
@@ -179,8 +179,8 @@ def main() -> None:
     parser.add_argument("--gallery", type=int, default=100_000)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--query_chunk", type=int, default=5000)
-    parser.add_argument("--gallery_chunk", type=int, default=16384)
+    parser.add_argument("--query_chunk", type=int, default=512)
+    parser.add_argument("--gallery_chunk", type=int, default=32768)
     parser.add_argument("--slab_rows", type=int, default=131072)
     parser.add_argument("--score_dtype", default="float32")
     parser.add_argument("--repeats", type=int, default=5)

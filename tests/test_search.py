@@ -76,3 +76,21 @@ def test_ranks_equal_brute_force_with_ties_against_the_model():
     positive = query_owners[:, None] == gallery_owners[None, :]
     best = np.where(positive, scores, -np.inf).max(axis=1, keepdims=True)
     np.testing.assert_array_equal(got, ((scores >= best) & ~positive).sum(axis=1))
+
+
+def test_grouped_block_top_k_with_ties_across_group_boundaries():
+    """The block top k by group maxima: equal scores in many groups, runs straddling group edges
+    and a k-th score shared by more groups than k: still the numpy (stable) order."""
+    assert search._group_size(4096, 10) == 16  # 256 groups: the grouped path
+    rng = np.random.default_rng(3)
+    levels = rng.integers(0, 3, (4096, 1)).astype(np.float32)  # three scores, ~1,365 rows each
+    runs = np.zeros((4096, 1), np.float32)
+    for edge in (16, 48, 1024, 4080):  # 3s straddling group boundaries, later than many 2s
+        runs[edge - 2 : edge + 2] = 1
+    gallery = np.concatenate([levels + runs, np.zeros((4096, 1), np.float32)], axis=1)
+    queries = np.array([[1, 0], [-1, 0], [0, 1], [2, 5]], np.float32)  # best, worst, all tied, mixed
+    for k in (1, 10, 37):
+        scores, index = search.top_k(queries, gallery, k, gallery_chunk=4096, slab_rows=4096)
+        want_scores, want_index = reference_top_k(queries, gallery, k)
+        np.testing.assert_array_equal(index, want_index)
+        np.testing.assert_array_equal(scores, want_scores)

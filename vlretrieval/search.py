@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vlretrieval import parallel
 
@@ -56,20 +56,43 @@ def _block_reader(queries: jax.Array, slab: jax.Array, valid: jax.Array, gallery
     return read
 
 
-def _exact_block_top_k(scores: jax.Array, k: int, group: int = 128):
-    """`lax.top_k` of [q, n] scores, cheaper: the k best elements lie in the k groups (of `group`
-    consecutive columns) with the highest maxima, ties included when groups tie by lower index.
-    So: maxima of the groups (one cheap pass), top-k groups, then top-k of their k x group
-    elements, taken in column order so that equal scores still go to the lower index."""
+def _group_size(columns: int, k: int) -> int:
+    """Columns per group: about sqrt(columns / k), so that the two selections below (one over the
+    columns / group maxima, one over the k x group candidates) are both small; a power of two
+    (blocks of 1,024 rows or more are multiples of 128), at most 128."""
+    group = 1
+    while group < 128 and (2 * group) ** 2 * k <= columns and columns % (2 * group) == 0:
+        group *= 2
+    return group
+
+
+def _sort_few(index: jax.Array) -> jax.Array:
+    """[rows, k] distinct integers sorted ascending, by ranks: k x k compares that XLA fuses, where
+    a sort of k = 10 per row is a slow call on the CPU."""
+    k = index.shape[1]
+    rank = jnp.sum(index[:, None, :] < index[:, :, None], axis=2)  # how many are smaller
+    slot = rank[:, :, None] == jnp.arange(k)[None, None, :]
+    return jnp.sum(jnp.where(slot, index[:, :, None], 0), axis=1)
+
+
+def _block_candidates(scores: jax.Array, k: int):
+    """([q, m] scores, [q, m] columns) in column order, m <= columns, that hold the block's top k.
+
+    A full `lax.top_k` over a wide block is a slow row-by-row partial sort on the CPU; this needs
+    only a vectorised max over groups of consecutive columns and a top k of those maxima: the k
+    best elements lie in the k groups with the highest maxima (equal maxima: lower group first).
+    For an element of an unchosen group, each chosen group holds its maximum, which beats it: a
+    higher score, or an equal one at a lower column (lower group, and the group's first maximum).
+    The chosen groups are put back in column order, so equal scores still go to the lower index."""
     rows, columns = scores.shape
-    if columns % group or columns // group < 4 * k:
-        return lax.top_k(scores, k)
+    group = _group_size(columns, k)
+    if group < 8:  # a narrow block: its columns are the candidates
+        return scores, jnp.broadcast_to(jnp.arange(columns, dtype=jnp.int32), scores.shape)
     grouped = scores.reshape(rows, columns // group, group)
-    chosen = jnp.sort(lax.top_k(jnp.max(grouped, axis=2), k)[1], axis=1)  # [rows, k] column order
+    chosen = _sort_few(lax.top_k(jnp.max(grouped, axis=2), k)[1])  # [rows, k] groups, column order
     candidates = jnp.take_along_axis(grouped, chosen[:, :, None], axis=1).reshape(rows, k * group)
-    values, position = lax.top_k(candidates, k)
-    group_of = jnp.take_along_axis(chosen, position // group, axis=1)
-    return values, group_of * group + position % group
+    column = chosen[:, :, None] * group + jnp.arange(group, dtype=jnp.int32)
+    return candidates, column.reshape(rows, k * group)
 
 
 def _loop(blocks: int, step, initial):
@@ -78,22 +101,31 @@ def _loop(blocks: int, step, initial):
 
 @functools.partial(jax.jit, static_argnames=("gallery_chunk", "score_dtype"), donate_argnums=(4, 5))
 def _top_k_slab(queries, slab, valid, offset, best_scores, best_index, *, gallery_chunk: int, score_dtype: str):
-    """Merge one slab's top-k into the running ([q, k] scores, [q, k] gallery indices)."""
-    read = _block_reader(queries, slab, valid, gallery_chunk, _score_dtype(score_dtype))
-    k = best_scores.shape[1]
+    """Merge one slab's top-k into the running ([chunks, q, k] scores, [chunks, q, k] indices) of
+    every query chunk ([chunks, q, dim]). All chunks in one call: a call per chunk measured ~25% slower
+    on the CPU (probably a fresh block of scores allocated and zeroed per call)."""
+    k = best_scores.shape[2]
 
-    def step(block, carry):
+    def chunk_step(chunk, carry):
         best_scores, best_index = carry
-        scores, row, real = read(block)
-        scores = jnp.where(real[None, :], scores, -jnp.inf)
-        block_scores, position = _exact_block_top_k(scores, min(k, gallery_chunk))
-        # Running results first: on equal scores top_k keeps the earlier (lower-index) entry.
-        merged_scores = jnp.concatenate([best_scores, block_scores], axis=1)
-        merged_index = jnp.concatenate([best_index, offset + row[position]], axis=1)
-        best_scores, chosen = lax.top_k(merged_scores, k)
-        return best_scores, jnp.take_along_axis(merged_index, chosen, axis=1)
+        read = _block_reader(queries[chunk], slab, valid, gallery_chunk, _score_dtype(score_dtype))
 
-    return _loop(slab.shape[0] // gallery_chunk, step, (best_scores, best_index))
+        def step(block, carry):
+            best_scores, best_index = carry
+            scores, row, real = read(block)
+            scores = jnp.where(real[None, :], scores, -jnp.inf)
+            candidates, column = _block_candidates(scores, k)
+            # One top k over the running results and the candidates: running results first, so
+            # on equal scores top_k keeps the earlier (lower-index) entry.
+            merged_scores = jnp.concatenate([best_scores, candidates], axis=1)
+            merged_index = jnp.concatenate([best_index, offset + row[column]], axis=1)
+            best_scores, chosen = lax.top_k(merged_scores, k)
+            return best_scores, jnp.take_along_axis(merged_index, chosen, axis=1)
+
+        best = _loop(slab.shape[0] // gallery_chunk, step, (best_scores[chunk], best_index[chunk]))
+        return best_scores.at[chunk].set(best[0]), best_index.at[chunk].set(best[1])
+
+    return _loop(queries.shape[0], chunk_step, (best_scores, best_index))
 
 
 @functools.partial(jax.jit, static_argnames=("gallery_chunk", "score_dtype"), donate_argnums=(6, 7))
@@ -175,14 +207,17 @@ def top_k(
     gallery: np.ndarray,
     k: int,
     *,
-    query_chunk: int = 1024,
-    gallery_chunk: int = 16384,
+    query_chunk: int = 512,
+    gallery_chunk: int = 32768,
     slab_rows: int = 131072,
     score_dtype: str = "float32",
     mesh: Mesh | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k by inner product: ([queries, k] scores, [queries, k] gallery indices), best
-    first, ties to the lower index. `k` is capped at the gallery size."""
+    first, ties to the lower index. `k` is capped at the gallery size. The default chunks were the
+    fastest measured on a 2-core CPU (benchmarks/search_speed.py): few, wide gallery blocks, so few
+    merges per query, with a score block (64 MB) that keeps a 1M-vector search under 1.5x its
+    gallery's memory."""
     queries, mesh = np.asarray(queries), local_mesh() if mesh is None else mesh
     _check(queries, gallery)
     k = min(k, gallery.shape[0])
@@ -190,23 +225,19 @@ def top_k(
         return np.zeros((len(queries), k), np.float32), np.zeros((len(queries), k), np.int32)
     _score_dtype(score_dtype)
     slabs = _Slabs(gallery, gallery_chunk, slab_rows, mesh)
-    chunks = _query_chunks([queries], query_chunk, mesh)
-    rows = chunks[0][1][0].shape[0]
-    sharding = parallel.batch_sharding(mesh)
-    state = [
-        (jax.device_put(np.full((rows, k), -np.inf, np.float32), sharding),
-         jax.device_put(np.full((rows, k), -1, np.int32), sharding))
-        for _ in chunks
-    ]
+    # [chunks, query_chunk, dim]: padded with copies of the last query, rows split over devices.
+    size = -(-min(query_chunk, len(queries)) // mesh.size) * mesh.size
+    count = -(-len(queries) // size)
+    padded = np.concatenate([queries, np.repeat(queries[-1:], count * size - len(queries), axis=0)])
+    sharding = NamedSharding(mesh, PartitionSpec(None, parallel.DATA_AXIS))
+    stacked = jax.device_put(padded.reshape(count, size, -1), sharding)
+    best = (jax.device_put(np.full((count, size, k), -np.inf, np.float32), sharding),
+            jax.device_put(np.full((count, size, k), -1, np.int32), sharding))
     for offset, valid, (slab,) in slabs:
-        state = [
-            _top_k_slab(query, slab, valid, np.int32(offset), *best,
-                        gallery_chunk=slabs.chunk, score_dtype=score_dtype)
-            for (_, (query,)), best in zip(chunks, state)
-        ]
-        jax.block_until_ready(state)  # frees this slab before the next is copied: one at a time
-    scores = np.concatenate([np.asarray(s)[:real] for (real, _), (s, _) in zip(chunks, state)])
-    index = np.concatenate([np.asarray(i)[:real] for (real, _), (_, i) in zip(chunks, state)])
+        best = _top_k_slab(stacked, slab, valid, np.int32(offset), *best,
+                           gallery_chunk=slabs.chunk, score_dtype=score_dtype)
+        jax.block_until_ready(best)  # frees this slab before the next is copied: one at a time
+    scores, index = (np.asarray(b).reshape(count * size, k)[: len(queries)] for b in best)
     return scores, index
 
 
