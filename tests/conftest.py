@@ -7,7 +7,9 @@ compiling them again each time was most of the suite's time. The cache is keyed 
 the compile options and the JAX/XLA version, so a hit runs exactly what a fresh compile would.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ["XLA_FLAGS"] = (
@@ -15,6 +17,8 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="vlretrieval-tests-jax-cache-")
+    _cache = tempfile.mkdtemp(prefix="vlretrieval-tests-jax-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)  # the session's, not reused
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
