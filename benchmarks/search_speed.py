@@ -101,7 +101,7 @@ def memory(args) -> dict:
     """Run in a fresh process: peak RSS rise over a top-k of `memory_gallery` vectors."""
     import jax
 
-    from vlretrieval import search
+    from vlretrieval import parallel, search
 
     rng = np.random.default_rng(1)
     queries = random_unit(rng, args.memory_queries, args.dim)
@@ -125,7 +125,7 @@ def memory(args) -> dict:
     peak = _peak_rss()
     rise = peak - before
     chunk = min(args.query_chunk, args.memory_queries)
-    slab = search._Slabs(gallery, args.gallery_chunk, args.slab_rows, search.local_mesh())
+    slab = search._Slabs(gallery, args.gallery_chunk, args.slab_rows, parallel.local_mesh())
     compiled = search._top_k_slab.lower(
         jax.ShapeDtypeStruct((1, chunk, args.dim), np.float32),
         jax.ShapeDtypeStruct((slab.rows, args.dim), np.float32),

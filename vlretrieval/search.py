@@ -14,7 +14,6 @@ Queries are split over the devices of a local mesh (the gallery is replicated on
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,11 +24,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from vlretrieval import parallel
 
 SCORE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def local_mesh() -> Mesh:
-    """A 1-D mesh over this host's devices: search needs no cross-host collective."""
-    return Mesh(np.asarray(jax.local_devices()), (parallel.DATA_AXIS,))
 
 
 def _score_dtype(name: str):
@@ -218,7 +212,7 @@ def top_k(
     fastest measured on a 2-core CPU (benchmarks/search_speed.py): few, wide gallery blocks, so few
     merges per query, with a score block (64 MB) that keeps a 1M-vector search under 1.5x its
     gallery's memory."""
-    queries, mesh = np.asarray(queries), local_mesh() if mesh is None else mesh
+    queries, mesh = np.asarray(queries), parallel.local_mesh() if mesh is None else mesh
     _check(queries, gallery)
     k = min(k, gallery.shape[0])
     if not len(queries) or not k:
@@ -255,7 +249,7 @@ def ranks(
 ) -> np.ndarray:
     """0-based rank of each query's best positive (a gallery item with the query's owner): the
     number of negatives scoring at least as high, so ties count against the model."""
-    queries, mesh = np.asarray(queries), local_mesh() if mesh is None else mesh
+    queries, mesh = np.asarray(queries), parallel.local_mesh() if mesh is None else mesh
     _check(queries, gallery)
     if not len(queries):
         return np.zeros((0,), np.int64)

@@ -30,6 +30,12 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
+def local_mesh() -> Mesh:
+    """A 1-D `data` mesh over this host's devices only, for work that needs no other host
+    (searching a gallery every host holds)."""
+    return Mesh(np.asarray(jax.local_devices()), (DATA_AXIS,))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) dimension split over `data`; other dimensions whole."""
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
@@ -132,4 +138,4 @@ def merge_microbatches(tree: Any, mesh: Mesh) -> Any:
 
 
 # Imported last: cross_device.py uses DATA_AXIS and the shardings above.
-from vlretrieval.parallel.cross_device import CrossDeviceLosses  # noqa: E402
+from vlretrieval.parallel.cross_device import CrossDeviceLosses  # noqa: E402, F401 (API)
