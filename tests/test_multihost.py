@@ -233,3 +233,20 @@ def test_multi_host_flags_are_checked_before_anything_starts():
         "127.0.0.1:9", 2, 1)
     alone = hosts.host_setup(environ={})
     assert not hosts.initialize(alone, environ={})  # one process: nothing to join
+
+
+def test_evaluations_during_training_rank_the_kept_checkpoints(data_dir, tmp_path):
+    workdir = str(tmp_path / "ranked")
+    process = vlretrieval("train", *TINY, "--workdir", workdir, "--data_dir", data_dir,
+                          "--config.train.eval_every=2", "--config.train.keep_last=1",
+                          "--config.train.keep_best=1")
+    output = finish(process)
+    assert process.returncode == 0, output
+    with open(os.path.join(workdir, "metrics.jsonl")) as handle:
+        recalls = {r["step"]: r["eval_mean_recall"] for r in map(json.loads, handle)
+                   if "eval_mean_recall" in r}
+    assert sorted(recalls) == [2, 4, 6]
+    best = max(recalls, key=lambda step: (recalls[step], step))  # a tie keeps the later one
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    assert manager.all_steps() == sorted({best, 6})  # the best evaluation and the last step
+    manager.close()
