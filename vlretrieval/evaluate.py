@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from vlretrieval import parallel, rerank, search
-from vlretrieval.data.pipeline import normalize_images
+from vlretrieval.data.pipeline import normalize_images, padded_host_positions
 from vlretrieval.data.tokenizer import TextTokenizer
 from vlretrieval.metrics import (  # noqa: F401  (the public names callers import from here)
     DEFAULT_METRICS,
@@ -33,16 +33,10 @@ from vlretrieval.metrics import (  # noqa: F401  (the public names callers impor
 
 
 def host_batches(count: int, local_batch_size: int, process_index: int, process_count: int):
-    """This host's (indices, valid) batches over `count` items: every `process_count`-th item
-    from `process_index` (as `pipeline.host_shard`), and every host the same number of batches,
-    the short ones padded with item 0 marked invalid (as `pipeline.evaluation_dataset`)."""
-    host_indices = np.arange(process_index, count, process_count)
-    longest_shard = -(-count // process_count)
-    total = max(1, -(-longest_shard // local_batch_size)) * local_batch_size
-    indices = np.zeros(total, np.int64)
-    indices[: len(host_indices)] = host_indices
-    valid = np.arange(total) < len(host_indices)
-    for start in range(0, total, local_batch_size):
+    """This host's (indices, valid) batches over `count` items, the same number on every host
+    (`pipeline.padded_host_positions`)."""
+    indices, valid = padded_host_positions(count, local_batch_size, process_index, process_count)
+    for start in range(0, len(indices), local_batch_size):
         yield indices[start : start + local_batch_size], valid[start : start + local_batch_size]
 
 

@@ -220,6 +220,20 @@ class TrainingBatches:
             iterator.set_state(state[name])
 
 
+def padded_host_positions(
+    count: int, local_batch_size: int, process_index: int, process_count: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, valid) of this host's evaluation items: every `process_count`-th of `count`
+    from `process_index` (disjoint, covering all), padded with item 0 marked invalid to the same
+    whole number of batches on every host (that of the longest shard)."""
+    host_indices = np.arange(process_index, count, process_count)
+    longest_shard = -(-count // process_count)
+    total = max(1, -(-longest_shard // local_batch_size)) * local_batch_size
+    indices = np.zeros(total, np.int64)
+    indices[: len(host_indices)] = host_indices
+    return indices, np.arange(total) < len(host_indices)
+
+
 def evaluation_dataset(
     source: Sequence[dict[str, Any]],
     *,
@@ -231,21 +245,20 @@ def evaluation_dataset(
     """This host's evaluation images in batches: `images` (normalised), `index` (position in the
     split) and `valid`. Every host gets the same number of batches: the shortest shards are padded
     with copies of a real record marked `valid = False`, which must never count."""
-    host_indices = range(process_index, len(source), process_count)  # disjoint, cover the split
-    longest_shard = -(-len(source) // process_count)
-    total = max(1, -(-longest_shard // local_batch_size)) * local_batch_size
+    indices, valid = padded_host_positions(
+        len(source), local_batch_size, process_index, process_count
+    )
 
     def prepare(position: int) -> dict[str, Any]:
-        valid = position < len(host_indices)
-        index = host_indices[position] if valid else 0  # padding: any real record, masked out
+        index = int(indices[position])  # padding: a real record, masked out by `valid`
         return {
             "image": image_ops.model_image(source[index]["image"], image_size),
             "index": index,
-            "valid": valid,
+            "valid": bool(valid[position]),
         }
 
     return (
-        grain.MapDataset.range(total)
+        grain.MapDataset.range(len(indices))
         .map(prepare)
         .batch(local_batch_size)
         .map(lambda batch: {
