@@ -174,9 +174,13 @@ def hardest_negative_hinge_loss(
 def sigmoid_loss(
     image_embeddings: jax.Array, text_embeddings: jax.Array, logit_scale: jax.Array, logit_bias: jax.Array
 ) -> jax.Array:
-    """SigLIP: independent binary decisions for every (image, text) pair, normalised per image."""
-    total = sigmoid_block_loss(image_embeddings, text_embeddings, logit_scale, logit_bias, True)
-    return total / image_embeddings.shape[0]
+    """SigLIP: independent binary decisions for every (image, text) pair, normalised per image.
+
+    Written as the paper states it (labels +1 on the diagonal, -1 elsewhere): the reference the
+    blocked form below (`sigmoid_block_loss`, used by the rings) is tested against."""
+    logits = logit_scale * image_embeddings @ text_embeddings.T + logit_bias
+    labels = 2.0 * jnp.eye(*logits.shape, dtype=logits.dtype) - 1.0
+    return -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / image_embeddings.shape[0]
 
 
 def matching_loss(itm_logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -256,31 +260,34 @@ def sigmoid_block_loss(
     logit_bias: jax.Array,
     diagonal_is_positive,
 ) -> jax.Array:
-    """Sum of SigLIP's pairwise losses -log sigmoid(z * (scale * sim + bias)) over a block.
+    """Sum of SigLIP's pairwise losses -log sigmoid(z * logit) over a block, z = +1 for the
+    diagonal's pairs when `diagonal_is_positive` (a bool, possibly traced: the block pairs each
+    image with its own text), -1 elsewhere.
 
-    z = +1 on the diagonal when the block pairs each image with its own text, -1 elsewhere.
+    Every pair is first counted as a negative, -log sigmoid(-l) = softplus(l); a positive pair's
+    loss is softplus(l) - l, so the diagonal's logits (a row-wise product, [b]) are subtracted.
+    No [b, b] label mask: a ring's loop would hoist it and hold it for the whole walk. The scale
+    multiplies the similarities, not the images, for the same reason (no scaled copy to hoist).
     """
-    logits = logit_scale * image_embeddings @ text_embeddings.T + logit_bias
-    return -jnp.sum(jax.nn.log_sigmoid(_sigmoid_labels(logits, diagonal_is_positive) * logits))
-
-
-def _sigmoid_labels(logits, diagonal_is_positive):
-    """+1 on the diagonal if `diagonal_is_positive` (a bool, possibly traced), else -1."""
-    diagonal = jnp.logical_and(diagonal_is_positive, jnp.eye(*logits.shape, dtype=bool))
-    return jnp.where(diagonal, 1.0, -1.0).astype(logits.dtype)
+    logits = logit_scale * (image_embeddings @ text_embeddings.T) + logit_bias
+    diagonal = logit_scale * jnp.sum(image_embeddings * text_embeddings, axis=1) + logit_bias
+    return jnp.sum(jax.nn.softplus(logits)) - jnp.where(diagonal_is_positive, jnp.sum(diagonal), 0.0)
 
 
 def sigmoid_block_backward(images, texts, logit_scale, logit_bias, coefficient, diagonal_is_positive):
     """Gradients of coefficient * sigmoid_block_loss: (d images, d texts, d scale, d bias).
 
-    d/dx of -log sigmoid(z x) is -z sigmoid(-z x). Written for few [b, b] temporaries: the
-    similarities and one gradient block (with the scale folded in); the scalar gradients are
-    contractions, not elementwise products.
+    d softplus(l) / dl = sigmoid(l); the diagonal's -l adds -1. Written for one [b, b]
+    temporary: the similarities are not kept for the scale's gradient, which is
+    sum_ij g_ij (x_i . y_j) = sum_i x_i . (g y)_i, read off the image side's product (XLA then
+    computes the gradient block in place of the similarities).
     """
-    similarity = images @ texts.T
-    logits = logit_scale * similarity + logit_bias
-    labels = _sigmoid_labels(logits, diagonal_is_positive)
-    scaled_grad = -(coefficient * logit_scale) * labels * jax.nn.sigmoid(-labels * logits)
-    scale_grad = jnp.einsum("ij,ij->", scaled_grad, similarity) / logit_scale
-    bias_grad = jnp.sum(scaled_grad) / logit_scale
-    return scaled_grad @ texts, scaled_grad.T @ images, scale_grad, bias_grad
+    logits = logit_scale * (images @ texts.T) + logit_bias
+    scaled_grad = (coefficient * logit_scale) * jax.nn.sigmoid(logits)  # d loss / d similarity
+    positive = jnp.where(diagonal_is_positive, coefficient * logit_scale, 0.0)
+    image_grad = scaled_grad @ texts - positive * texts
+    scale_grad = jnp.sum(images * image_grad) / logit_scale
+    bias_grad = jnp.sum(scaled_grad) / logit_scale - jnp.where(
+        diagonal_is_positive, coefficient * images.shape[0], 0.0
+    )
+    return image_grad, scaled_grad.T @ images - positive * images, scale_grad, bias_grad
