@@ -40,7 +40,7 @@ def agreement(jax_scores, jax_index, faiss_scores, faiss_index) -> dict:
     kth_gap = np.abs(jax_scores[:, -1] - faiss_scores[:, -1])
     return {
         "queries_with_same_top_k_set": int(same_set.sum()),
-        "queries": int(len(same_set)),
+        "queries": len(same_set),
         "same_order_fraction": float(np.mean(jax_index == faiss_index)),
         "differing_queries_max_kth_score_gap": float(kth_gap[~same_set].max()) if (~same_set).any() else 0.0,
         "max_score_difference": float(np.abs(jax_scores - faiss_scores).max()),
@@ -86,6 +86,7 @@ def speed(args) -> dict:
             faiss_scores, faiss_index = index.search(queries, args.k)
             faiss_times.append(time.perf_counter() - started)
     result["jax_seconds"] = jax_times
+    result["matrix_product_floor"] = matrix_product_floor(queries, gallery, args)
     result["jax_queries_per_second_median"] = args.queries / statistics.median(jax_times)
     if index is not None:
         result["faiss_seconds"] = faiss_times
@@ -95,6 +96,56 @@ def speed(args) -> dict:
         result["throughput_ratio_per_repeat"] = ratios
         result["top_k_agreement"] = agreement(jax_scores, jax_index, faiss_scores, faiss_index)
     return result
+
+
+def matrix_product_floor(queries: np.ndarray, gallery: np.ndarray, args) -> dict:
+    """Where the time goes: the same [query_chunk, gallery_chunk] score blocks computed by XLA
+    (each reduced to its maximum, so that nothing is optimised away: one pass over the block, the
+    cost of the search's group maxima) and by the BLAS numpy links (OpenBLAS, as in FAISS's
+    wheels), with no top-k at all. Exact search cannot go below its matrix product; this shows
+    how much of the gap to FAISS is XLA's CPU matrix product rather than the search."""
+    import jax
+    import jax.numpy as jnp
+
+    block_rows = min(args.gallery_chunk, len(gallery))
+    starts = range(0, len(gallery) - block_rows + 1, block_rows)
+    query_starts = range(0, len(queries) - args.query_chunk + 1, args.query_chunk)
+    # One jitted loop over the blocks per query chunk, slicing the gallery inside, as the search.
+    @jax.jit
+    def chunk_max(q, g):
+        def step(block, best):
+            rows = jax.lax.dynamic_slice_in_dim(g, block * block_rows, block_rows, 0)
+            return jnp.maximum(best, jnp.max(q @ rows.T))
+
+        return jax.lax.fori_loop(0, len(starts), step, -jnp.inf)
+
+    device_gallery = jnp.asarray(gallery)
+    device_chunks = [jnp.asarray(queries[q : q + args.query_chunk]) for q in query_starts]
+    products = len(query_starts) * len(starts)
+
+    def xla():
+        for chunk in device_chunks:
+            chunk_max(chunk, device_gallery).block_until_ready()
+
+    def blas():
+        for q in query_starts:
+            for g in starts:
+                np.max(queries[q : q + args.query_chunk] @ gallery[g : g + block_rows].T)
+
+    xla()  # compiled
+    times = {"xla": [], "blas": []}
+    for _ in range(max(3, args.repeats // 2)):
+        for name, run in (("xla", xla), ("blas", blas)):
+            started = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - started)
+    flops = 2.0 * products * args.query_chunk * block_rows * queries.shape[1]
+    return {
+        "blocks": products, "block_shape": [args.query_chunk, block_rows],
+        "xla_gflops_per_second_median": flops / statistics.median(times["xla"]) / 1e9,
+        "numpy_blas_gflops_per_second_median": flops / statistics.median(times["blas"]) / 1e9,
+        "xla_over_blas_speed": statistics.median(times["blas"]) / statistics.median(times["xla"]),
+    }
 
 
 def memory(args) -> dict:
