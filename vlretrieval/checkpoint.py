@@ -41,6 +41,13 @@ class Checkpointer:
             ))
         self.manager = ocp.CheckpointManager(
             self.directory,
+            # Every item's handler named up front, so restoring some items of a checkpoint that
+            # holds others (the state without the config) needs no warning from orbax.
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "config": ocp.JsonCheckpointHandler(),
+                "data_state": ocp.JsonCheckpointHandler(),
+            },
             options=ocp.CheckpointManagerOptions(
                 create=True,
                 cleanup_tmp_directories=True,  # what a save killed half-way left behind
