@@ -31,8 +31,9 @@ def get_config(arg=None):
     # A light translation task at a soft temperature of its own. The demo's captions come from a
     # few templates, so a batch of translation pairs is full of near-paraphrases that InfoNCE
     # pushes apart as negatives while the image-text task wants them together; at weight 1 and
-    # the learned (sharp, ~1/20) temperature that cost the captioned languages 3-5 points of mean
-    # recall, at 0.3 and 0.2 about 1-2 (benchmarks/mural_lowres.py; README), Italian as good.
+    # the learned (sharp, ~1/20) temperature that cost the captioned languages 2-5 points of mean
+    # recall; at 0.3 and 0.2, 1.1-1.7 on the mean of three seeds (benchmarks/mural_lowres.py;
+    # README), Italian as good.
     config.objectives.text_text = 0.3 if multitask else 0.0
     config.objectives.text_text_temperature = 0.2
     config.objectives.text_text_margin = 0.0
