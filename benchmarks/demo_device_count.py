@@ -45,9 +45,7 @@ def main() -> None:
     for seed in args.seeds:
         for devices in DEVICE_COUNTS:
             workdir = os.path.join(args.workdir, f"seed_{seed}", f"{devices}_devices")
-            results = train_and_read_results(
-                args.config, workdir, args.data_dir, [*extra, f"--config.seed={seed}"], devices
-            )
+            results = train_and_read_results(args.config, workdir, args.data_dir, extra, devices, seed)
             runs[devices].append(recalls(results))
             print(json.dumps({"seed": seed, "devices": devices, "seconds": results["seconds"],
                               "recall": runs[devices][-1]}), flush=True)

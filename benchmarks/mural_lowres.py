@@ -56,7 +56,7 @@ def main() -> None:
         mean_recall = {}
         for name, config in RUNS:
             workdir = os.path.join(args.workdir, f"seed_{seed}", name)
-            run = train_and_read_results(config, workdir, args.data_dir, [*extra, f"--config.seed={seed}"])
+            run = train_and_read_results(config, workdir, args.data_dir, extra, seed=seed)
             print(f"\nseed {seed}, {name} ({run['seconds']:.0f} s)")
             print(format_table(run, (1, 5, 10)), flush=True)
             mean_recall[name] = {language: round(metrics["mean_recall"], 2)

@@ -7,9 +7,12 @@ import sys
 import time
 
 
-def train_and_read_results(config: str, workdir: str, data_dir: str, extra=(), devices: int = 1) -> dict:
-    """Runs `vlretrieval train` (which evaluates at the end) on `devices` fake CPU devices and
-    returns its results.json plus the wall time."""
+def train_and_read_results(
+    config: str, workdir: str, data_dir: str, extra=(), devices: int = 1, seed: int | None = None
+) -> dict:
+    """Runs `vlretrieval train` (which evaluates at the end) on `devices` fake CPU devices, with
+    `config.seed` set to `seed` if given, and returns its results.json plus the wall time."""
+    extra = [*extra, *([] if seed is None else [f"--config.seed={seed}"])]
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     started = time.perf_counter()
