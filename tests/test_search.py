@@ -94,3 +94,13 @@ def test_grouped_block_top_k_with_ties_across_group_boundaries():
         want_scores, want_index = reference_top_k(queries, gallery, k)
         np.testing.assert_array_equal(index, want_index)
         np.testing.assert_array_equal(scores, want_scores)
+
+
+@pytest.mark.parametrize(
+    "rows,limit,devices,expected",
+    [(5000, 512, 1, (10, 500)), (5000, 512, 8, (10, 504)), (3, 512, 8, (1, 8)), (512, 512, 1, (1, 512))],
+)
+def test_query_chunks_are_even_so_padding_stays_under_a_row_per_device(rows, limit, devices, expected):
+    chunks, size = search._even_chunks(rows, limit, devices)
+    assert (chunks, size) == expected
+    assert chunks * size >= rows and chunks * size - rows < chunks * devices

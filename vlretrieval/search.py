@@ -133,7 +133,7 @@ def _ranks_slab(
 
     def step(block, carry):
         best, count = carry
-        scores, row, real = read(block)
+        scores, _, real = read(block)
         owners = lax.dynamic_slice_in_dim(slab_owners, block * gallery_chunk, gallery_chunk, 0)
         same = query_owners[:, None] == owners[None, :]
         block_best = jnp.max(jnp.where(same & real[None, :], scores, -jnp.inf), axis=1)
@@ -176,10 +176,18 @@ class _Slabs:
             yield offset, np.int32(valid), [jax.device_put(p, self.sharding) for p in parts]
 
 
+def _even_chunks(rows: int, limit: int, multiple: int) -> tuple[int, int]:
+    """(chunks, rows per chunk): as few chunks as a `limit` allows, of even size rounded up to a
+    `multiple` (the devices), so that padding, which is scored like real rows, stays under
+    `multiple` rows a chunk: 5,000 queries in chunks of at most 512 are 10 of 500, not 10 of 512."""
+    chunks = -(-max(rows, 1) // max(1, min(limit, max(rows, 1))))
+    return chunks, -(-max(rows, 1) // (chunks * multiple)) * multiple
+
+
 def _query_chunks(arrays: list[np.ndarray], query_chunk: int, mesh: Mesh) -> list[tuple[int, list]]:
     """(real rows, device arrays) per chunk: padded to one shape, rows split over the devices."""
     count = len(arrays[0])
-    query_chunk = -(-min(query_chunk, max(count, 1)) // mesh.size) * mesh.size
+    query_chunk = _even_chunks(count, query_chunk, mesh.size)[1]
     sharding = parallel.batch_sharding(mesh)
     chunks = []
     for start in range(0, count, query_chunk):
@@ -219,9 +227,8 @@ def top_k(
         return np.zeros((len(queries), k), np.float32), np.zeros((len(queries), k), np.int32)
     _score_dtype(score_dtype)
     slabs = _Slabs(gallery, gallery_chunk, slab_rows, mesh)
-    # [chunks, query_chunk, dim]: padded with copies of the last query, rows split over devices.
-    size = -(-min(query_chunk, len(queries)) // mesh.size) * mesh.size
-    count = -(-len(queries) // size)
+    # [chunks, size, dim]: padded with copies of the last query, rows split over devices.
+    count, size = _even_chunks(len(queries), query_chunk, mesh.size)
     padded = np.concatenate([queries, np.repeat(queries[-1:], count * size - len(queries), axis=0)])
     sharding = NamedSharding(mesh, PartitionSpec(None, parallel.DATA_AXIS))
     stacked = jax.device_put(padded.reshape(count, size, -1), sharding)
