@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -75,6 +76,19 @@ def test_same_seed_gives_the_same_numbers_twice(data_dir, tiny_run, tmp_path):
     assert first["languages"] == second["languages"]
     train(tiny_config(data_dir, "seed=1"), str(tmp_path / "c"), progress=False)
     assert _losses(str(tmp_path / "c")) != _losses(first_workdir)
+
+
+def test_resuming_with_a_changed_config_names_every_change(data_dir, tiny_run, tmp_path, capsys):
+    workdir = str(tmp_path / "resumed")
+    shutil.copytree(tiny_run[0], workdir)
+    train(tiny_config(data_dir), workdir, progress=False)  # the same config: nothing to say
+    assert "the config differs" not in capsys.readouterr().out
+    train(tiny_config(data_dir, "train.num_steps=8", "optimizer.learning_rate=0.001"), workdir, progress=False)
+    notes = [line for line in capsys.readouterr().out.splitlines() if "the config differs" in line]
+    assert notes == [
+        "note: the config differs from the one saved at step 6: "
+        "optimizer.learning_rate: 0.002 -> 0.001; train.num_steps: 6 -> 8"
+    ]
 
 
 def test_train_step_with_every_term_on_8_fsdp_devices_matches_1_device(data_dir):

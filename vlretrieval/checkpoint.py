@@ -95,6 +95,12 @@ class Checkpointer:
         ).data_state
         return restored.get(f"process_{jax.process_index()}", restored["process_0"])
 
+    def saved_config(self, step: int) -> dict | None:
+        """The experiment config saved with the checkpoint at `step` (a dict), or None."""
+        if "config" not in self.manager.item_metadata(step):
+            return None
+        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
     def restore(self, state_template: Any, step: int | None = None) -> Any:
         """The saved state at `step`, or at the latest readable step, shaped and sharded like the
         template."""

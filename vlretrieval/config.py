@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
+import json
 import os
 
 import ml_collections
@@ -100,3 +101,22 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
         apply_override(config, key, value)
     config.lock()
     return config
+
+
+def differences(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
+    """`key: saved -> current` for every leaf where `config` differs from a saved config dict (as
+    a checkpoint stores it, in JSON), sorted; keys only one side has count as differences."""
+    current = json.loads(json.dumps(config.to_dict()))  # tuples as lists, as they were saved
+
+    def leaves(tree, prefix=""):
+        if not isinstance(tree, dict):
+            return {prefix[:-1]: tree}
+        return {key: value for name, child in tree.items() for key, value in leaves(child, f"{prefix}{name}.").items()}
+
+    before, after = leaves(saved), leaves(current)
+    absent = "(absent)"
+    return [
+        f"{key}: {json.dumps(before.get(key, absent))} -> {json.dumps(after.get(key, absent))}"
+        for key in sorted(before.keys() | after.keys())
+        if before.get(key, absent) != after.get(key, absent)
+    ]

@@ -18,6 +18,7 @@ import ml_collections
 import optax
 from tqdm import tqdm
 
+from vlretrieval import config as config_lib
 from vlretrieval import objectives, parallel, preemption
 from vlretrieval.accumulate import accumulated_value_and_grad
 from vlretrieval.checkpoint import Checkpointer, has_checkpoint, load_params
@@ -211,6 +212,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     if checkpointer.all_steps():
         start_step, state = checkpointer.restore_latest(state)
         print(f"resuming from the checkpoint at step {start_step} in {checkpointer.directory}")
+        # Extending num_steps is routine; a changed learning rate or objective should show in the log.
+        saved = checkpointer.saved_config(start_step)
+        if saved is not None and (changed := config_lib.differences(saved, config)):
+            print(f"note: the config differs from the one saved at step {start_step}: " + "; ".join(changed))
     state_shardings = parallel.state_shardings(state, mesh, config.train.fsdp)
     state = jax.device_put(state, state_shardings)
     print(
