@@ -111,7 +111,9 @@ def differences(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
     def leaves(tree, prefix=""):
         if not isinstance(tree, dict):
             return {prefix[:-1]: tree}
-        return {key: value for name, child in tree.items() for key, value in leaves(child, f"{prefix}{name}.").items()}
+        return {
+            key: value for name, child in tree.items() for key, value in leaves(child, f"{prefix}{name}.").items()
+        }
 
     before, after = leaves(saved), leaves(current)
     absent = "(absent)"
