@@ -153,14 +153,11 @@ class _Slabs:
 
     def __init__(self, gallery, gallery_chunk: int, slab_rows: int, mesh: Mesh, extra=None):
         self.gallery, self.extra = gallery, extra
-        size = gallery.shape[0]
         # Slabs and blocks of even sizes (blocks a multiple of 128 when large), so that padding,
         # which is scored like real rows, stays a fraction of a block: 100,000 rows in blocks of
         # at most 16,384 are 7 blocks of 14,336, not 7 of 16,384 (15% more work).
-        slabs = -(-size // max(slab_rows, gallery_chunk, 1))
-        per_slab = -(-size // slabs)
-        blocks = -(-per_slab // max(1, gallery_chunk))
-        self.chunk = -(-per_slab // blocks)
+        per_slab = _even_chunks(gallery.shape[0], max(slab_rows, gallery_chunk), 1)[1]
+        blocks, self.chunk = _even_chunks(per_slab, gallery_chunk, 1)
         if self.chunk >= 1024:
             self.chunk = -(-self.chunk // 128) * 128
         self.rows = blocks * self.chunk
