@@ -88,18 +88,20 @@ class Checkpointer:
         A run resumed on another number of hosts takes process 0's: every host's pipeline is at
         the same global step, which is all its position depends on (`pipeline.training_dataset`).
         """
-        if "data_state" not in self.manager.item_metadata(step):
+        restored = self._restore_json(step, "data_state")
+        if restored is None:
             return None
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(data_state=ocp.args.JsonRestore())
-        ).data_state
         return restored.get(f"process_{jax.process_index()}", restored["process_0"])
 
     def saved_config(self, step: int) -> dict | None:
         """The experiment config saved with the checkpoint at `step` (a dict), or None."""
-        if "config" not in self.manager.item_metadata(step):
+        return self._restore_json(step, "config")
+
+    def _restore_json(self, step: int, item: str) -> Any:
+        """One JSON item of the checkpoint at `step`, or None if it was saved without it."""
+        if item not in self.manager.item_metadata(step):
             return None
-        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+        return self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
 
     def restore(self, state_template: Any, step: int | None = None) -> Any:
         """The saved state at `step`, or at the latest readable step, shaped and sharded like the

@@ -177,8 +177,9 @@ def _even_chunks(rows: int, limit: int, multiple: int) -> tuple[int, int]:
     """(chunks, rows per chunk): as few chunks as a `limit` allows, of even size rounded up to a
     `multiple` (the devices), so that padding, which is scored like real rows, stays under
     `multiple` rows a chunk: 5,000 queries in chunks of at most 512 are 10 of 500, not 10 of 512."""
-    chunks = -(-max(rows, 1) // max(1, min(limit, max(rows, 1))))
-    return chunks, -(-max(rows, 1) // (chunks * multiple)) * multiple
+    rows = max(rows, 1)
+    chunks = -(-rows // max(1, min(limit, rows)))
+    return chunks, -(-rows // (chunks * multiple)) * multiple
 
 
 def _query_chunks(arrays: list[np.ndarray], query_chunk: int, mesh: Mesh) -> list[tuple[int, list]]:
