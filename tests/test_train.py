@@ -13,7 +13,9 @@ from vlretrieval import parallel
 from vlretrieval.config import load_config
 from vlretrieval.models import build_model
 from vlretrieval.objectives import make_objective
-from vlretrieval.train import create_train_state, make_train_step, train, train_and_evaluate
+from vlretrieval.train import (
+    create_train_state, evaluate_checkpoint, make_train_step, train, train_and_evaluate,
+)
 
 
 def tiny_config(data_dir, *overrides):
@@ -88,6 +90,22 @@ def test_resuming_with_a_changed_config_names_every_change(data_dir, tiny_run, t
     assert notes == [
         "note: the config differs from the one saved at step 6: "
         "optimizer.learning_rate: 0.002 -> 0.001; train.num_steps: 6 -> 8"
+    ]
+
+
+def test_evaluating_with_other_data_or_model_settings_says_which(data_dir, tiny_run, tmp_path, capsys):
+    """Another tokenizer or model reads the checkpoint without error and scores at chance: the
+    eval names what differs from the run's config. Evaluation settings may differ silently."""
+    workdir = str(tmp_path / "evaluated")
+    shutil.copytree(tiny_run[0], workdir)
+    evaluate_checkpoint(tiny_config(data_dir, "eval.batch_size=16", "train.num_steps=8"), workdir)
+    assert "trained with other" not in capsys.readouterr().out
+    evaluate_checkpoint(tiny_config(data_dir, "model.head.text_pooling=cls", "model.head.image_pooling=mean"), workdir)
+    notes = [line for line in capsys.readouterr().out.splitlines() if "trained with other" in line]
+    assert notes == [
+        "note: the checkpoint at step 6 was trained with other data or model settings: "
+        'model.head.image_pooling: "cls" -> "mean"; model.head.text_pooling: "mean" -> "cls" '
+        "(expected on another dataset; with another tokenizer or model the scores mean nothing)"
     ]
 
 

@@ -103,10 +103,14 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
     return config
 
 
-def differences(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
+def differences(saved: dict, config: ml_collections.ConfigDict, sections=None) -> list[str]:
     """`key: saved -> current` for every leaf where `config` differs from a saved config dict (as
-    a checkpoint stores it, in JSON), sorted; keys only one side has count as differences."""
+    a checkpoint stores it, in JSON), sorted; keys only one side has count as differences.
+    `sections`: compare only these top-level keys (all when None)."""
     current = json.loads(json.dumps(config.to_dict()))  # tuples as lists, as they were saved
+    if sections is not None:
+        saved = {key: value for key, value in saved.items() if key in sections}
+        current = {key: value for key, value in current.items() if key in sections}
 
     def leaves(tree, prefix=""):
         if not isinstance(tree, dict):
@@ -122,3 +126,24 @@ def differences(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
         for key in sorted(before.keys() | after.keys())
         if before.get(key, absent) != after.get(key, absent)
     ]
+
+
+# What a checkpoint's parameters mean: the seed also draws the demo data and its tokenizer.
+TRAINED_ON = ("seed", "data", "model")
+# ...except where the data lives, how training read it, and which languages are reported.
+_NOT_MEANING = ("data.data_dir", "data.crop_scale", "data.on_bad_record", "data.languages")
+
+
+def evaluated_config_note(saved: dict | None, config: ml_collections.ConfigDict, step: int) -> str | None:
+    """The line `eval`, `index` and `search` print when the data or model settings differ from
+    those the checkpoint at `step` was trained with (another tokenizer or dataset gives recall at
+    chance with no error), or None. Evaluation and training settings may differ freely."""
+    changed = [] if saved is None else [
+        line for line in differences(saved, config, sections=TRAINED_ON)
+        if line.partition(":")[0] not in _NOT_MEANING
+    ]
+    if not changed:
+        return None
+    return (f"note: the checkpoint at step {step} was trained with other data or model settings: "
+            + "; ".join(changed) + " (expected on another dataset; with another tokenizer or model "
+            "the scores mean nothing)")

@@ -24,13 +24,14 @@ def _restore(config: ml_collections.ConfigDict, workdir: str):
     from vlretrieval.checkpoint import Checkpointer
     from vlretrieval.data import datasets
     from vlretrieval.models import build_model
-    from vlretrieval.train import create_train_state, make_optimizer
+    from vlretrieval.train import create_train_state, make_optimizer, note_if_trained_otherwise
 
     data = datasets.open_dataset(config.data, seed=config.seed)
     model = build_model(config.model, data.tokenizer.vocab_size)
     tx, _ = make_optimizer(config.optimizer, config.train.num_steps)
     checkpointer = Checkpointer(workdir)
     step, state = checkpointer.restore_latest(create_train_state(model, tx, config.seed))
+    note_if_trained_otherwise(checkpointer, step, config)
     checkpointer.close()
     return model, state.params, data, step
 

@@ -339,6 +339,13 @@ def _training_batches(config: ml_collections.ConfigDict, data, translations):
     return pipeline.TrainingBatches({"image_text": image_text, "text_text": bitext})
 
 
+def note_if_trained_otherwise(checkpointer: Checkpointer, step: int, config) -> None:
+    """Prints `config_lib.evaluated_config_note` for the checkpoint at `step`, if any (process 0)."""
+    note = config_lib.evaluated_config_note(checkpointer.saved_config(step), config, step)
+    if note and jax.process_index() == 0:
+        print(note)
+
+
 def evaluate_checkpoint(
     config: ml_collections.ConfigDict, workdir: str, model=None, params=None, data=None
 ) -> dict[str, Any]:
@@ -351,7 +358,9 @@ def evaluate_checkpoint(
         model = build_model(config.model, data.tokenizer.vocab_size)
         tx, _ = make_optimizer(config.optimizer, config.train.num_steps)
         checkpointer = Checkpointer(workdir)
-        params = checkpointer.restore(create_train_state(model, tx, config.seed)).params
+        step, state = checkpointer.restore_latest(create_train_state(model, tx, config.seed))
+        params = state.params
+        note_if_trained_otherwise(checkpointer, step, config)
         checkpointer.close()
     joint_params = None
     if config.eval.joint_from and config.eval.mode != "towers":
