@@ -81,7 +81,7 @@ def test_index_then_search_and_eval_with_the_index(tmp_path, monkeypatch):
     images = rng.integers(0, 256, (6, 16, 16, 3)).astype(np.uint8)
     captions = [[" ".join(rng.choice(WORDS, 4)) for _ in range(2)] for _ in range(6)]
     data = FakeData(tokenizer, images, captions)
-    monkeypatch.setattr(retrieval, "_restore", lambda config, workdir: (model, params, data, 7))
+    monkeypatch.setattr(retrieval, "restore_for_evaluation", lambda config, workdir: (model, params, data, 7))
 
     path = str(tmp_path / "gallery.safetensors")
     summary = retrieval.build_index(config, str(tmp_path), path)

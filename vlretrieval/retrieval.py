@@ -17,23 +17,7 @@ import ml_collections
 from vlretrieval import evaluate, index, parallel, search
 from vlretrieval.data import pipeline
 from vlretrieval.errors import UserError
-
-
-def _restore(config: ml_collections.ConfigDict, workdir: str):
-    """(model, params, data, step) of the latest checkpoint in `workdir`."""
-    from vlretrieval.checkpoint import Checkpointer
-    from vlretrieval.data import datasets
-    from vlretrieval.models import build_model
-    from vlretrieval.train import create_train_state, make_optimizer, note_if_trained_otherwise
-
-    data = datasets.open_dataset(config.data, seed=config.seed)
-    model = build_model(config.model, data.tokenizer.vocab_size)
-    tx, _ = make_optimizer(config.optimizer, config.train.num_steps)
-    checkpointer = Checkpointer(workdir)
-    step, state = checkpointer.restore_latest(create_train_state(model, tx, config.seed))
-    note_if_trained_otherwise(checkpointer, step, config)
-    checkpointer.close()
-    return model, state.params, data, step
+from vlretrieval.train import restore_for_evaluation
 
 
 def _item_id(record, position: int) -> str:
@@ -43,7 +27,7 @@ def _item_id(record, position: int) -> str:
 
 def build_index(config: ml_collections.ConfigDict, workdir: str, output: str) -> dict:
     """Embed the evaluation split's images and write them as an index at `output`."""
-    model, params, data, step = _restore(config, workdir)
+    model, params, data, step = restore_for_evaluation(config, workdir)
     source = data.split(config.eval.split)
     split = evaluate.subset(
         pipeline.load_split(source, config.data.languages, config.model.image_size), config.eval.max_images
@@ -70,7 +54,7 @@ def search_index(
     if not queries:
         raise UserError("no queries: pass --query TEXT (repeatable) or --queries_file FILE")
     saved = index.read_index(index_path)
-    model, params, data, _ = _restore(config, workdir)
+    model, params, data, _ = restore_for_evaluation(config, workdir)
     mesh = parallel.make_mesh(config.train.num_devices or None)
     params = parallel.replicate(params, mesh)
     encode = jax.jit(lambda p, ids, mask: model.apply({"params": p}, ids, mask, method=model.encode_text))

@@ -339,11 +339,20 @@ def _training_batches(config: ml_collections.ConfigDict, data, translations):
     return pipeline.TrainingBatches({"image_text": image_text, "text_text": bitext})
 
 
-def note_if_trained_otherwise(checkpointer: Checkpointer, step: int, config) -> None:
-    """Prints `config_lib.evaluated_config_note` for the checkpoint at `step`, if any (process 0)."""
+def restore_for_evaluation(config: ml_collections.ConfigDict, workdir: str):
+    """(model, params, data, step) of the latest checkpoint in `workdir`, built from `config`.
+    Prints `config_lib.evaluated_config_note` where the config's data or model settings differ
+    from the checkpoint's."""
+    data = datasets.open_dataset(config.data, seed=config.seed)
+    model = build_model(config.model, data.tokenizer.vocab_size)
+    tx, _ = make_optimizer(config.optimizer, config.train.num_steps)
+    checkpointer = Checkpointer(workdir)
+    step, state = checkpointer.restore_latest(create_train_state(model, tx, config.seed))
     note = config_lib.evaluated_config_note(checkpointer.saved_config(step), config, step)
+    checkpointer.close()
     if note and jax.process_index() == 0:
         print(note)
+    return model, state.params, data, step
 
 
 def evaluate_checkpoint(
@@ -354,14 +363,7 @@ def evaluate_checkpoint(
     from vlretrieval import metrics, report
 
     if model is None:
-        data = datasets.open_dataset(config.data, seed=config.seed)
-        model = build_model(config.model, data.tokenizer.vocab_size)
-        tx, _ = make_optimizer(config.optimizer, config.train.num_steps)
-        checkpointer = Checkpointer(workdir)
-        step, state = checkpointer.restore_latest(create_train_state(model, tx, config.seed))
-        params = state.params
-        note_if_trained_otherwise(checkpointer, step, config)
-        checkpointer.close()
+        model, params, data, _ = restore_for_evaluation(config, workdir)
     joint_params = None
     if config.eval.joint_from and config.eval.mode != "towers":
         joint_params = load_params(config.eval.joint_from, params)
