@@ -103,10 +103,10 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
     return config
 
 
-def differences(saved: dict, config: ml_collections.ConfigDict, sections=None) -> list[str]:
+def differences(saved: dict, config: ml_collections.ConfigDict, sections=None, ignore=()) -> list[str]:
     """`key: saved -> current` for every leaf where `config` differs from a saved config dict (as
     a checkpoint stores it, in JSON), sorted; keys only one side has count as differences.
-    `sections`: compare only these top-level keys (all when None)."""
+    `sections`: compare only these top-level keys (all when None); `ignore`: leaves not compared."""
     current = json.loads(json.dumps(config.to_dict()))  # tuples as lists, as they were saved
     if sections is not None:
         saved = {key: value for key, value in saved.items() if key in sections}
@@ -123,7 +123,7 @@ def differences(saved: dict, config: ml_collections.ConfigDict, sections=None) -
     absent = "(absent)"
     return [
         f"{key}: {json.dumps(before.get(key, absent))} -> {json.dumps(after.get(key, absent))}"
-        for key in sorted(before.keys() | after.keys())
+        for key in sorted((before.keys() | after.keys()) - set(ignore))
         if before.get(key, absent) != after.get(key, absent)
     ]
 
@@ -138,10 +138,7 @@ def evaluated_config_note(saved: dict | None, config: ml_collections.ConfigDict,
     """The line `eval`, `index` and `search` print when the data or model settings differ from
     those the checkpoint at `step` was trained with (another tokenizer or dataset gives recall at
     chance with no error), or None. Evaluation and training settings may differ freely."""
-    changed = [] if saved is None else [
-        line for line in differences(saved, config, sections=TRAINED_ON)
-        if line.partition(":")[0] not in _NOT_MEANING
-    ]
+    changed = [] if saved is None else differences(saved, config, TRAINED_ON, ignore=_NOT_MEANING)
     if not changed:
         return None
     return (f"note: the checkpoint at step {step} was trained with other data or model settings: "
