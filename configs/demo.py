@@ -21,7 +21,9 @@ def transformer(width: int, depth: int, heads: int) -> ml_collections.ConfigDict
             final_norm=True,
             layer_norm_eps=1e-6,
             activation="gelu",
-            remat=False,
+            # What each block keeps for the backward pass: "none", "full" (recompute the block)
+            # or a jax.checkpoint_policies name such as "dots_saveable".
+            remat="none",
             causal=False,  # CLIP's text tower attends to earlier tokens only
         )
     )
@@ -58,6 +60,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.image_size = 64
     config.model.patch_size = 16
     config.model.max_text_length = config.data.get_ref("max_text_length")
+    # Compute dtype of matmuls and activations ("bfloat16" on accelerators); parameters, optimizer
+    # state, norms, softmax, logits and losses stay float32.
+    config.model.dtype = "float32"
+    # jax.nn.dot_product_attention's "xla" path, "cudnn" (fused flash attention, GPU + bfloat16),
+    # "auto" (cudnn where it applies), or "explicit" (the einsum reference).
+    config.model.attention = "xla"
+    # One nn.scan over stacked block parameters: compile time independent of depth. Checkpoints
+    # and converted weights load into either layout.
+    config.model.scan_layers = False
     config.model.transformer = transformer(width=128, depth=4, heads=4)
     # Used when kind == "dual": an independent ViT and text transformer.
     config.model.image_transformer = transformer(width=128, depth=4, heads=4)

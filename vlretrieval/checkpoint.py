@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from vlretrieval.errors import UserError
+from vlretrieval.models import layout
 from vlretrieval.parallel import hosts
 
 
@@ -129,6 +130,24 @@ class Checkpointer:
         raise first_error
 
     def _restore_step(self, state_template: Any, step: int) -> Any:
+        """The state at `step` shaped like the template; a checkpoint written with the other
+        encoder-stack layout (`model.scan_layers`) is restored in its own layout and converted."""
+        saved_scanned = self._saved_layout(step)
+        wanted_scanned = layout.is_scanned(state_template)
+        if saved_scanned is None or wanted_scanned is None or saved_scanned == wanted_scanned:
+            return self._restore_as(state_template, step)
+        restored = self._restore_as(layout.to_layout(state_template, saved_scanned), step)
+        return layout.to_layout(restored, wanted_scanned)
+
+    def _saved_layout(self, step: int) -> bool | None:
+        try:
+            tree = self.manager.item_metadata(step)["state"]
+            tree = getattr(tree, "tree", tree)
+            return layout.is_scanned(tree["params"])
+        except Exception:  # no metadata to go by: the restore itself reports what is wrong
+            return None
+
+    def _restore_as(self, state_template: Any, step: int) -> Any:
         try:
             restored = self.manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(state_template))
@@ -209,6 +228,8 @@ def load_params(path: str, params_template: Any) -> Any:
         manager.close()
     state = saved.state
     saved_params = state["params"] if isinstance(state, dict) else state.params
+    # A run trained with the other stack layout (scan_layers) loads all the same.
+    saved_params = layout.to_layout(saved_params, scanned=bool(layout.is_scanned(params_template)))
     saved_leaves = dict(
         (_path_name(p), leaf) for p, leaf in jax.tree_util.tree_leaves_with_path(saved_params)
     )

@@ -49,7 +49,7 @@ def _transformer(hf: dict, where: str, *, pre_norm: bool, final_norm: bool, caus
             hf.get("attention_probs_dropout_prob", hf.get("attention_dropout", 0.0)) or 0.0
         ),
         pre_norm=pre_norm, final_norm=final_norm, layer_norm_eps=float(hf["layer_norm_eps"]),
-        activation=_activation(hf, where), causal=causal, remat=False,
+        activation=_activation(hf, where), causal=causal, remat="none",
     )
 
 
@@ -303,13 +303,18 @@ def complete_section(model: dict) -> dict:
     """A `model` config section as a plain dict with every option present (configs written
     before an option existed get its default), so sections compare and export uniformly."""
     from vlretrieval.models.embeddings import ImageEmbeddingConfig, TextEmbeddingConfig
+    from vlretrieval.models.factory import MODEL_WIDE
     from vlretrieval.models.towers import TowerHead
     from vlretrieval.models.transformer import TransformerConfig
 
     model = copy.deepcopy(model)
+    # dtype, attention and scan_layers are set once for the model, not per transformer.
+    per_transformer = {key: value for key, value in dataclasses.asdict(TransformerConfig()).items()
+                       if key not in MODEL_WIDE}
     for name in ("transformer", "image_transformer", "text_transformer"):
         if name in model:
-            model[name] = {**dataclasses.asdict(TransformerConfig()), **model[name]}
+            model[name] = {**per_transformer, **model[name]}
+    model = {**MODEL_WIDE, **model}
     model["text_embeddings"] = {**dataclasses.asdict(TextEmbeddingConfig()),
                                 **model.get("text_embeddings", {})}
     model["image_embeddings"] = {**dataclasses.asdict(ImageEmbeddingConfig()),

@@ -17,10 +17,12 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import traverse_util
 
 from vlretrieval.checkpoint import load_params
 from vlretrieval.convert import architectures, hf_in, native, positions
 from vlretrieval.errors import UserError
+from vlretrieval.models import layout
 
 _RUN_OPTIONS = ("dropout", "attention_dropout", "remat")  # how to train, not what to compute
 PART_KEYS = {
@@ -48,9 +50,9 @@ def initial_params(spec: str, template: Any, model_config) -> Any:
     if len(sources) == 1 and not _is_converted(sources[0]):
         return load_params(sources[0], template)
     model = architectures.complete_section(model_config.to_dict())
-    leaves = jax.tree_util.tree_leaves_with_path(template)
-    names = ["/".join(str(getattr(k, "key", k)) for k in path) for path, _ in leaves]
-    values = dict(zip(names, (leaf for _, leaf in leaves)))
+    # Converted weights are in the unrolled layout (block_i); a scanned model gets them stacked.
+    scanned = bool(layout.is_scanned(template))
+    values = traverse_util.flatten_dict(layout.to_layout(template, scanned=False), sep="/")
     origin: dict[str, str] = {}
     for source in sources:
         if not _is_converted(source):
@@ -70,12 +72,18 @@ def initial_params(spec: str, template: Any, model_config) -> Any:
                                 f"and {source}")
             origin[path] = source
             values[path] = np.asarray(array, values[path].dtype)
-    kept = [name for name in names if name not in origin]
+    kept = [name for name in values if name not in origin]
     if kept:
         print(f"--init_from: {len(kept)} parameters keep their initialisation "
               f"({', '.join(kept[:4])}{', ...' if len(kept) > 4 else ''})")
-    treedef = jax.tree_util.tree_structure(template)
-    return jax.tree_util.tree_unflatten(treedef, [values[name] for name in names])
+    params = layout.to_layout(traverse_util.unflatten_dict(values, sep="/"), scanned=scanned)
+    # The template's own tree structure (and so its leaf order), with the values filled in.
+    flat = traverse_util.flatten_dict(params, sep="/")
+    leaves = jax.tree_util.tree_leaves_with_path(template)
+    names = ["/".join(str(getattr(k, "key", k)) for k in path) for path, _ in leaves]
+    return jax.tree_util.tree_unflatten(
+        jax.tree_util.tree_structure(template), [np.asarray(flat[name]) for name in names]
+    )
 
 
 def _read(source: str, model: dict) -> hf_in.Converted:

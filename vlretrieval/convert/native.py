@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from vlretrieval.errors import UserError
+from vlretrieval.models import layout
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -208,6 +209,8 @@ def read_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         manager.close()
     state = saved.state
     params = state["params"] if isinstance(state, dict) else state.params
+    # The converters name one Hugging Face layer per block_i: scanned stacks are unrolled here.
+    params = layout.to_layout(params, scanned=False)
     return {k: np.asarray(v) for k, v in flatten(params).items()}, saved.config
 
 

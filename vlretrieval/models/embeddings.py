@@ -78,6 +78,7 @@ class PatchEmbeddings(nn.Module):
     patch_bias: bool = True
     layer_norm: bool = False
     layer_norm_eps: float = 1e-5
+    compute_dtype: jnp.dtype = jnp.float32  # of the patch projection (a matmul)
 
     @property
     def num_patches(self) -> int:
@@ -94,9 +95,9 @@ class PatchEmbeddings(nn.Module):
         p = self.patch_size
         x = nn.Conv(
             self.width, (p, p), strides=(p, p), padding="VALID", use_bias=self.patch_bias,
-            name="projection",
+            dtype=self.compute_dtype, name="projection",
         )(images)
-        x = x.reshape(batch, -1, self.width)
+        x = x.reshape(batch, -1, self.width).astype(jnp.float32)
         if self.class_token:
             cls = self.param("class_token", embedding_init, (1, 1, self.width))
             x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)), x], axis=1)

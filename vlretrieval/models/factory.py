@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,11 @@ from vlretrieval.errors import UserError
 from vlretrieval.models.embeddings import ImageEmbeddingConfig, TextEmbeddingConfig
 from vlretrieval.models.joint import JointConfig
 from vlretrieval.models.towers import POOLINGS, DecomposedVLTransformer, DualEncoder, TowerHead
-from vlretrieval.models.transformer import TransformerConfig
+from vlretrieval.models.transformer import (
+    ATTENTION_IMPLEMENTATIONS,
+    COMPUTE_DTYPES,
+    TransformerConfig,
+)
 
 MODEL_KINDS = ("decomposed", "dual")
 
@@ -29,8 +34,32 @@ def _optional_section(cls, config: ml_collections.ConfigDict, name: str):
     return cls() if section is None else _dataclass_from(cls, section, f"model.{name}")
 
 
+# Model-wide numerics and layout, set on every encoder; configs written before they existed get
+# these defaults.
+MODEL_WIDE = {"dtype": "float32", "attention": "xla", "scan_layers": False}
+
+
+def _model_wide(config: ml_collections.ConfigDict) -> dict:
+    options = {key: config.get(key, default) for key, default in MODEL_WIDE.items()}
+    for key, choices in (("dtype", tuple(COMPUTE_DTYPES)), ("attention", ATTENTION_IMPLEMENTATIONS)):
+        if options[key] not in choices:
+            raise UserError(f"config.model.{key} is {options[key]!r}; choose one of {choices}")
+    if not isinstance(options["scan_layers"], bool):
+        raise UserError("config.model.scan_layers must be true or false")
+    return options
+
+
+def _transformer(config: ml_collections.ConfigDict, name: str, wide: dict) -> TransformerConfig:
+    section = config[name]
+    if any(key in section for key in MODEL_WIDE):
+        raise UserError(f"config.model.{name}: {sorted(set(section) & set(MODEL_WIDE))} are set "
+                        "for the whole model (config.model.<key>), not per transformer")
+    return dataclasses.replace(_dataclass_from(TransformerConfig, section, f"model.{name}"), **wide)
+
+
 def build_model(config: ml_collections.ConfigDict, vocab_size: int):
     """`config` is the experiment's `model` section; `vocab_size` comes from the tokenizer."""
+    wide = _model_wide(config)
     head = _dataclass_from(TowerHead, config.head, "model.head")
     text_embeddings = _optional_section(TextEmbeddingConfig, config, "text_embeddings")
     image_embeddings = _optional_section(ImageEmbeddingConfig, config, "image_embeddings")
@@ -39,7 +68,7 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int):
             raise UserError(f"config.model.head.{name} must be one of {POOLINGS}")
     if config.kind == "decomposed":
         joint = JointConfig(
-            transformer=_dataclass_from(TransformerConfig, config.transformer, "model.transformer"),
+            transformer=_transformer(config, "transformer", wide),
             vocab_size=vocab_size,
             max_text_length=config.max_text_length,
             image_size=config.image_size,
@@ -50,12 +79,8 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int):
         return DecomposedVLTransformer(joint, head)
     if config.kind == "dual":
         return DualEncoder(
-            image_transformer=_dataclass_from(
-                TransformerConfig, config.image_transformer, "model.image_transformer"
-            ),
-            text_transformer=_dataclass_from(
-                TransformerConfig, config.text_transformer, "model.text_transformer"
-            ),
+            image_transformer=_transformer(config, "image_transformer", wide),
+            text_transformer=_transformer(config, "text_transformer", wide),
             vocab_size=vocab_size,
             max_text_length=config.max_text_length,
             image_size=config.image_size,

@@ -52,6 +52,7 @@ class JointVLTransformer(nn.Module):
             patch_size=cfg.patch_size,
             width=width,
             dropout=cfg.transformer.dropout,
+            compute_dtype=cfg.transformer.compute_dtype,
         )
         self.modality = ModalityEmbedding(width)
         self.encoder = Encoder(cfg.transformer)

@@ -181,6 +181,7 @@ class ImageTransformer(nn.Module):
             self.image_size, self.patch_size, self.transformer.width, name="embeddings",
             patch_bias=options.patch_bias,
             layer_norm=options.layer_norm, layer_norm_eps=options.layer_norm_eps,
+            compute_dtype=self.transformer.compute_dtype,
         )(images, train=train)
         mask = jnp.ones(x.shape[:2], jnp.int32)
         return Encoder(self.transformer, name="encoder")(x, mask, train=train)

@@ -3,6 +3,11 @@
 One implementation serves BERT-style text encoders (post-LN), ViT/CLIP image encoders (pre-LN) and
 the joint single-stream model. Submodule names (query/key/value/out, mlp.fc1/fc2) are stable so
 that checkpoint conversion can map them one to one.
+
+Numerics: matmuls and activations run in `dtype` (bfloat16 on accelerators); parameters, layer
+norms, the softmax and the residual stream stay float32. The stack is either `depth` blocks
+(`block_0` ...) or, with `scan_layers`, one `nn.scan` over stacked block parameters (`blocks`,
+leading axis = layer), so compile time does not grow with depth; `layout.py` converts between them.
 """
 
 from __future__ import annotations
@@ -28,6 +33,19 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
 }
 
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# "xla": jax.nn.dot_product_attention's XLA path (every backend); "cudnn": cuDNN's fused flash
+# attention (GPU, bfloat16); "auto": cuDNN where it applies, else XLA; "explicit": the einsum and
+# softmax written out, the reference the others are tested against (and the only one with
+# attention dropout, which the fused kernels do not offer).
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "explicit")
+# What a block keeps for the backward pass: "none" keeps everything (no remat), "full" only the
+# block's input; the rest are jax.checkpoint_policies by name.
+REMAT_POLICIES = (
+    "none", "full", "nothing_saveable", "everything_saveable", "dots_saveable", "checkpoint_dots",
+    "dots_with_no_batch_dims_saveable", "checkpoint_dots_with_no_batch_dims",
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
@@ -44,15 +62,55 @@ class TransformerConfig:
     layer_norm_eps: float = 1e-6
     activation: str = "gelu"
     causal: bool = False  # each token attends to itself and earlier ones only (CLIP's text tower)
-    remat: bool = False  # recompute each block in the backward pass to save activation memory
+    # Recompute activations in the backward pass (a REMAT_POLICIES name; True/False from configs
+    # written before the policies existed mean "full"/"none").
+    remat: str | bool = "none"
+    # Set model-wide by the factory from config.model (one value for every encoder).
+    dtype: str = "float32"
+    attention: str = "xla"
+    scan_layers: bool = False
 
     def __post_init__(self):
+        if isinstance(self.remat, bool):
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
         if self.width % self.num_heads:
             raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(
-                f"unknown activation {self.activation!r}; choose one of {sorted(ACTIVATIONS)}"
-            )
+        for name, value, choices in (
+            ("activation", self.activation, sorted(ACTIVATIONS)),
+            ("remat", self.remat, REMAT_POLICIES),
+            ("dtype", self.dtype, sorted(COMPUTE_DTYPES)),
+            ("attention", self.attention, ATTENTION_IMPLEMENTATIONS),
+        ):
+            if value not in choices:
+                raise ValueError(f"unknown {name} {value!r}; choose one of {list(choices)}")
+
+    @property
+    def compute_dtype(self):
+        return COMPUTE_DTYPES[self.dtype]
+
+
+def _attention_implementation(cfg: TransformerConfig, train: bool) -> str:
+    if cfg.attention_dropout > 0 and train:
+        return "explicit"
+    if cfg.attention == "auto":
+        head_dim = cfg.width // cfg.num_heads
+        cudnn_applies = (
+            jax.default_backend() == "gpu" and cfg.dtype == "bfloat16"
+            and head_dim % 8 == 0 and head_dim <= 128
+        )
+        return "cudnn" if cudnn_applies else "xla"
+    return cfg.attention
+
+
+def explicit_attention(query, key, value, allowed, dropout) -> jax.Array:
+    """softmax(q k^T / sqrt(d)) v with the logits and softmax in float32."""
+    scores = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(query.shape[-1])
+    # A large finite negative, not -inf: a fully padded row then yields a uniform softmax
+    # instead of NaN, and its output is never read.
+    scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min / 2)
+    weights = dropout(jax.nn.softmax(scores, axis=-1)).astype(value.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -64,21 +122,26 @@ class MultiHeadSelfAttention(nn.Module):
     def __call__(self, x: jax.Array, mask: jax.Array, *, train: bool) -> jax.Array:
         cfg = self.config
         head_dim = cfg.width // cfg.num_heads
-        dense = lambda name: nn.DenseGeneral((cfg.num_heads, head_dim), name=name)
+        dense = lambda name: nn.DenseGeneral(
+            (cfg.num_heads, head_dim), dtype=cfg.compute_dtype, name=name
+        )
         query, key, value = dense("query")(x), dense("key")(x), dense("value")(x)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", query, key) / math.sqrt(head_dim)
-        # A large finite negative, not -inf: a fully padded row then yields a uniform softmax
-        # instead of NaN, and its output is never read.
-        big_negative = jnp.finfo(scores.dtype).min / 2
-        allowed = mask[:, None, None, :].astype(bool)
-        if cfg.causal:
-            length = x.shape[1]
-            allowed = allowed & jnp.tril(jnp.ones((length, length), bool))[None, None]
-        scores = jnp.where(allowed, scores, big_negative)
-        weights = jax.nn.softmax(scores, axis=-1)
-        weights = nn.Dropout(cfg.attention_dropout)(weights, deterministic=not train)
-        attended = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
-        return nn.DenseGeneral(cfg.width, axis=(-2, -1), name="out")(attended)
+        allowed = mask[:, None, None, :].astype(bool)  # [batch, heads, queries, keys]
+        implementation = _attention_implementation(cfg, train)
+        if implementation == "explicit":
+            if cfg.causal:
+                length = x.shape[1]
+                allowed = allowed & jnp.tril(jnp.ones((length, length), bool))[None, None]
+            dropout = lambda w: nn.Dropout(cfg.attention_dropout)(w, deterministic=not train)
+            attended = explicit_attention(query, key, value, allowed, dropout)
+        else:
+            attended = jax.nn.dot_product_attention(
+                query, key, value, mask=allowed, is_causal=cfg.causal,
+                implementation=implementation,
+            )
+        return nn.DenseGeneral(
+            cfg.width, axis=(-2, -1), dtype=cfg.compute_dtype, name="out"
+        )(attended)
 
 
 class Mlp(nn.Module):
@@ -87,31 +150,48 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         cfg = self.config
-        x = nn.Dense(cfg.mlp_dim, name="fc1")(x)
+        x = nn.Dense(cfg.mlp_dim, dtype=cfg.compute_dtype, name="fc1")(x)
         x = ACTIVATIONS[cfg.activation](x)
         x = nn.Dropout(cfg.dropout)(x, deterministic=not train)
-        return nn.Dense(cfg.width, name="fc2")(x)
+        return nn.Dense(cfg.width, dtype=cfg.compute_dtype, name="fc2")(x)
 
 
 class EncoderBlock(nn.Module):
-    """Attention + MLP with residuals; LayerNorm before (pre-LN) or after (post-LN) each."""
+    """Attention + MLP with residuals; LayerNorm before (pre-LN) or after (post-LN) each.
+
+    The residual stream stays float32 (each sub-layer's compute-dtype output is added to it), so
+    bfloat16 rounding does not accumulate over depth. With `scanned`, returns (x, None) as
+    `nn.scan` wants.
+    """
 
     config: TransformerConfig
+    train: bool = False
+    scanned: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array, train: bool) -> jax.Array:
-        cfg = self.config
-        norm = lambda name: nn.LayerNorm(epsilon=cfg.layer_norm_eps, name=name)
+    def __call__(self, x: jax.Array, mask: jax.Array):
+        cfg, train = self.config, self.train
+        norm = lambda name: nn.LayerNorm(
+            epsilon=cfg.layer_norm_eps, dtype=jnp.float32, name=name
+        )
         drop = lambda y: nn.Dropout(cfg.dropout)(y, deterministic=not train)
         attention = MultiHeadSelfAttention(cfg, name="attention")
         mlp = Mlp(cfg, name="mlp")
+        x = x.astype(jnp.float32)
         if cfg.pre_norm:
             x = x + drop(attention(norm("attention_norm")(x), mask, train=train))
             x = x + drop(mlp(norm("mlp_norm")(x), train=train))
         else:
             x = norm("attention_norm")(x + drop(attention(x, mask, train=train)))
             x = norm("mlp_norm")(x + drop(mlp(x, train=train)))
-        return x
+        return (x, None) if self.scanned else x
+
+
+def remat_policy(name: str):
+    """The jax.checkpoint policy of a REMAT_POLICIES name ("full" saves nothing inside a block)."""
+    if name in ("full", "nothing_saveable"):
+        return None
+    return getattr(jax.checkpoint_policies, name)
 
 
 class Encoder(nn.Module):
@@ -122,10 +202,24 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array, *, train: bool = False) -> jax.Array:
         cfg = self.config
-        # `train` is static for remat: it selects dropout, not a traced value.
-        block_type = nn.remat(EncoderBlock, static_argnums=(3,)) if cfg.remat else EncoderBlock
-        for index in range(cfg.depth):
-            x = block_type(cfg, name=f"block_{index}")(x, mask, train)
+        block_type = EncoderBlock
+        if cfg.remat != "none":
+            # Inside a scan, CSE cannot merge the recomputation away, so its guard is not needed.
+            block_type = nn.remat(
+                EncoderBlock, policy=remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers
+            )
+        if cfg.scan_layers:
+            stack = nn.scan(
+                block_type,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=nn.broadcast,
+                length=cfg.depth,
+            )
+            x, _ = stack(cfg, train=train, scanned=True, name="blocks")(x, mask)
+        else:
+            for index in range(cfg.depth):
+                x = block_type(cfg, train=train, name=f"block_{index}")(x, mask)
         if cfg.final_norm:
-            x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="final_norm")(x)
+            x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=jnp.float32, name="final_norm")(x)
         return x
