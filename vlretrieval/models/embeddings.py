@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vlretrieval.models.transformer import layer_norm
+
 # BERT and ViT both initialise embeddings with a small normal; it keeps early logits tame.
 embedding_init = nn.initializers.normal(stddev=0.02)
 
@@ -60,7 +62,7 @@ class TextEmbeddings(nn.Module):
                 self.type_vocab_size, self.width, embedding_init=embedding_init, name="token_type"
             )(token_type_ids)
         if self.layer_norm:
-            x = nn.LayerNorm(epsilon=self.layer_norm_eps, name="norm")(x)
+            x = layer_norm(self.layer_norm_eps, "norm")(x)
         return nn.Dropout(self.dropout)(x, deterministic=not train)
 
 
@@ -104,7 +106,7 @@ class PatchEmbeddings(nn.Module):
         positions = self.param("position", embedding_init, (x.shape[1], self.width))
         x = x + positions[None]
         if self.layer_norm:
-            x = nn.LayerNorm(epsilon=self.layer_norm_eps, name="norm")(x)
+            x = layer_norm(self.layer_norm_eps, "norm")(x)
         return nn.Dropout(self.dropout)(x, deterministic=not train)
 
 

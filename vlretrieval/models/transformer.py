@@ -113,6 +113,12 @@ def explicit_attention(query, key, value, allowed, dropout) -> jax.Array:
     return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
 
 
+def layer_norm(epsilon: float, name: str) -> nn.Module:
+    """A float32 LayerNorm recomputed in the backward pass from its input alone: autodiff would
+    otherwise keep three float32 intermediates of the input's size for it."""
+    return nn.remat(nn.LayerNorm)(epsilon=epsilon, dtype=jnp.float32, name=name)
+
+
 class MultiHeadSelfAttention(nn.Module):
     """Self-attention where `mask` [batch, length] (1 = real token) hides padding keys."""
 
@@ -125,6 +131,8 @@ class MultiHeadSelfAttention(nn.Module):
         dense = lambda name: nn.DenseGeneral(
             (cfg.num_heads, head_dim), dtype=cfg.compute_dtype, name=name
         )
+        # Cast once: each projection casting its own copy would keep three for the backward pass.
+        x = x.astype(cfg.compute_dtype)
         query, key, value = dense("query")(x), dense("key")(x), dense("value")(x)
         allowed = mask[:, None, None, :].astype(bool)  # [batch, heads, queries, keys]
         implementation = _attention_implementation(cfg, train)
@@ -135,10 +143,14 @@ class MultiHeadSelfAttention(nn.Module):
             dropout = lambda w: nn.Dropout(cfg.attention_dropout)(w, deterministic=not train)
             attended = explicit_attention(query, key, value, allowed, dropout)
         else:
-            attended = jax.nn.dot_product_attention(
-                query, key, value, mask=allowed, is_causal=cfg.causal,
-                implementation=implementation,
-            )
+            attend = lambda q, k, v, m: jax.nn.dot_product_attention(
+                q, k, v, mask=m, is_causal=cfg.causal, implementation=implementation)
+            if implementation == "xla":
+                # Keep q, k, v and recompute the softmax in the backward pass, as a fused
+                # (flash) kernel does: the [heads, length, length] probabilities and logits were
+                # the largest activations of a ViT-B/16.
+                attend = jax.checkpoint(attend)
+            attended = attend(query, key, value, allowed)
         return nn.DenseGeneral(
             cfg.width, axis=(-2, -1), dtype=cfg.compute_dtype, name="out"
         )(attended)
@@ -151,7 +163,9 @@ class Mlp(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         cfg = self.config
         x = nn.Dense(cfg.mlp_dim, dtype=cfg.compute_dtype, name="fc1")(x)
-        x = ACTIVATIONS[cfg.activation](x)
+        # Recomputed in the backward pass: an elementwise op costs no matmul FLOPs, while the
+        # intermediates autodiff keeps for GELU (erf, exp, products) were 4x its input.
+        x = jax.checkpoint(ACTIVATIONS[cfg.activation])(x)
         x = nn.Dropout(cfg.dropout)(x, deterministic=not train)
         return nn.Dense(cfg.width, dtype=cfg.compute_dtype, name="fc2")(x)
 
@@ -171,9 +185,7 @@ class EncoderBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array):
         cfg, train = self.config, self.train
-        norm = lambda name: nn.LayerNorm(
-            epsilon=cfg.layer_norm_eps, dtype=jnp.float32, name=name
-        )
+        norm = lambda name: layer_norm(cfg.layer_norm_eps, name)
         drop = lambda y: nn.Dropout(cfg.dropout)(y, deterministic=not train)
         attention = MultiHeadSelfAttention(cfg, name="attention")
         mlp = Mlp(cfg, name="mlp")
@@ -221,5 +233,5 @@ class Encoder(nn.Module):
             for index in range(cfg.depth):
                 x = block_type(cfg, train=train, name=f"block_{index}")(x, mask)
         if cfg.final_norm:
-            x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=jnp.float32, name="final_norm")(x)
+            x = layer_norm(cfg.layer_norm_eps, "final_norm")(x)
         return x
