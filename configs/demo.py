@@ -121,6 +121,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.keep_best = 1
     config.train.best_metric = "mean_recall"
     config.train.eval_every = 0
+    # Check for SIGTERM (pre-emption) every this many steps: on several hosts the check is a
+    # collective, so not every step. The run saves and stops at the next multiple.
+    config.train.preemption_check_every = 10
+    # The chip's dense peak TFLOP/s for MFU in the logs (0: looked up for known GPUs and TPUs).
+    config.train.peak_tflops = 0.0
 
     # Each term's weight (0 = off); see vlretrieval/objectives.py.
     config.objectives = ml_collections.ConfigDict(

@@ -19,7 +19,7 @@ import optax
 from tqdm import tqdm
 
 from vlretrieval import config as config_lib
-from vlretrieval import objectives, parallel, preemption
+from vlretrieval import objectives, parallel, preemption, throughput
 from vlretrieval.accumulate import accumulated_value_and_grad
 from vlretrieval.checkpoint import Checkpointer, has_checkpoint, load_params
 from vlretrieval.convert.initialise import initial_params
@@ -183,6 +183,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     Returns (model, params, data) for evaluation.
     """
     check_workdir_writable(workdir)
+    check_every = config.train.preemption_check_every
+    if not isinstance(check_every, int) or check_every < 1:
+        raise UserError(f"config.train.preemption_check_every must be a positive integer, got {check_every!r}")
+    if config.model.get("attention") == "cudnn" and jax.default_backend() != "gpu":
+        raise UserError(f"config.model.attention=cudnn needs a GPU (this run's backend is "
+                        f"{jax.default_backend()}); use xla or auto")
     data = datasets.open_dataset(config.data, seed=config.seed)  # bad data fails before any write
     mesh = parallel.make_mesh(config.train.num_devices or None)
     global_batch_size = config.train.batch_size
@@ -249,22 +255,23 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     bar = tqdm(
         total=num_steps, initial=start_step, unit="step", disable=not progress or start_step >= num_steps
     )
-    last_time, last_step = time.perf_counter(), start_step
+    meter = None
     with preemption.SigtermGuard() as sigterm:
         for step in range(start_step + 1, num_steps + 1):
-            state, metrics = step_fn(state, parallel.global_batch(next(batches), mesh))
+            batch = parallel.global_batch(next(batches), mesh)
+            if meter is None:
+                step_fn, meter = _compile_step(step_fn, state, batch, config, start_step)
+            state, metrics = step_fn(state, batch)
             bar.update(1)
             is_last = step == num_steps
-            preempted = sigterm.requested()  # on every host at the same step
+            # Every N steps, not every step: on several hosts the check is a collective, and one
+            # per step would stall asynchronous dispatch. All hosts check at the same steps.
+            preempted = step % check_every == 0 and sigterm.requested()
             saving = step % config.train.checkpoint_every == 0 or is_last or preempted
             if step % config.train.log_every == 0 or saving:
                 metrics = {key: float(value) for key, value in jax.device_get(metrics).items()}
                 _check_finite(metrics, step)
-                now = time.perf_counter()
-                metrics["examples_per_second"] = (
-                    (step - last_step) * global_batch_size / (now - last_time)
-                )
-                last_time, last_step = now, step
+                metrics.update(meter.mark(step))
                 writer.write({"step": step, **metrics})
                 bar.set_postfix(
                     loss=f"{metrics['loss']:.3f}", ex_per_s=f"{metrics['examples_per_second']:.0f}"
@@ -273,6 +280,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
             if config.train.eval_every and (step % config.train.eval_every == 0 or is_last):
                 eval_metrics = _evaluate_during_training(config, model, state.params, data, mesh)
                 writer.write({"step": step, **{f"eval_{k}": v for k, v in eval_metrics.items()}})
+                meter.restart(step)
                 saving = True  # the metric ranks checkpoints: keep one at every evaluation
             if saving:
                 checkpointer.save(step, state, config, batches.get_state(), eval_metrics)
@@ -288,6 +296,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     checkpointer.wait()
     checkpointer.close()
     return model, state.params, data
+
+
+def _compile_step(step_fn, state, batch, config, start_step: int):
+    """The step compiled ahead of time for these shapes (its FLOPs are read off the compiled
+    program, once), and the meter that turns step times into TFLOP/s and MFU."""
+    started = time.perf_counter()
+    compiled = step_fn.lower(state, batch).compile()
+    flops = throughput.compiled_flops(compiled)
+    device_kind = jax.devices()[0].device_kind
+    peak = throughput.peak_tflops(device_kind, config.model.dtype, config.train.peak_tflops)
+    if jax.process_index() == 0:
+        print(f"compiled the train step in {time.perf_counter() - started:.1f} s; "
+              + throughput.describe(flops, peak, device_kind, config.model.dtype))
+    return compiled, throughput.StepMeter(start_step, config.train.batch_size, flops, peak)
 
 
 def _evaluate_during_training(config, model, params, data, mesh) -> dict[str, float]:
