@@ -176,6 +176,32 @@ def test_sigterm_saves_a_checkpoint_at_the_step_it_arrived(data_dir, tmp_path):
     assert max(logged_steps(workdir)) == step
 
 
+def test_sigterm_to_one_host_stops_every_host_at_the_same_checked_step(data_dir, tmp_path):
+    # Only host 1 is signalled; the check is a collective every 4 steps, so both hosts see it at
+    # the same multiple of 4, save that step together and exit as pre-empted.
+    address = f"127.0.0.1:{free_port()}"
+    workdir = str(tmp_path / "preempted_two_hosts")
+    processes = [
+        vlretrieval("train", *TINY, "--config.train.num_steps=100000", "--config.train.log_every=1",
+                    "--config.train.checkpoint_every=1000", "--config.train.preemption_check_every=4",
+                    "--workdir", workdir, "--data_dir", data_dir, "--coordinator_address", address,
+                    "--num_processes", "2", "--process_id", str(index))
+        for index in range(2)
+    ]
+    wait_for_step(processes[0], workdir, 3)
+    processes[1].send_signal(signal.SIGTERM)
+    outputs = [finish(process) for process in processes]
+    steps = []
+    for process, output in zip(processes, outputs):
+        assert process.returncode == 128 + signal.SIGTERM, output
+        line = next(line for line in output.splitlines() if line.startswith("pre-empted"))
+        steps.append(int(line.split("at step ")[1].split(":")[0]))
+    assert steps[0] == steps[1] and steps[0] % 4 == 0 and steps[0] >= 4
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    assert manager.all_steps() == [steps[0]]
+    manager.close()
+
+
 def test_losing_a_peer_stops_the_other_process_with_a_clear_line(data_dir, tmp_path):
     address = f"127.0.0.1:{free_port()}"
     workdir = str(tmp_path / "lost")
