@@ -97,3 +97,17 @@ def test_batch_mesh_and_objectives_that_cannot_run(tmp_path, override, fragment)
                      "--data_dir", str(tmp_path / "data"), override)
     assert_one_line_error(result, fragment)
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("--config.model.dtype=float16", "config.model.dtype is 'float16'"),
+    ("--config.model.attention=flash", "config.model.attention is 'flash'"),
+    ("--config.model.transformer.remat=dots_savable", "unknown remat 'dots_savable'"),
+    ("--config.model.attention=cudnn", "config.model.attention=cudnn needs a GPU"),
+    ("--config.train.preemption_check_every=0", "preemption_check_every must be a positive"),
+])
+def test_unknown_precision_attention_or_remat_is_refused_before_any_work(tmp_path, override, fragment):
+    result = run_cli("train", "--config", "configs/demo.py:tiny", "--workdir", str(tmp_path / "w"),
+                     "--data_dir", str(tmp_path / "data"), override)
+    assert_one_line_error(result, fragment)
+    assert not (tmp_path / "w").exists() and not (tmp_path / "data").exists()

@@ -313,6 +313,57 @@ def test_converted_folder_reads_back_and_initialises_a_run(hf_folders, tmp_path,
         np.testing.assert_array_equal(from_hf[name], converted[name])
 
 
+def test_clip_loads_into_a_scanned_model_matches_transformers_and_exports_back(
+    hf_folders, tmp_path, capsys
+):
+    """Converted weights are in the unrolled layout; a scanned model stacks them on load (and a
+    converted folder restores into it), and its checkpoint unstacks again on export."""
+    from vlretrieval.checkpoint import Checkpointer
+    from vlretrieval.config import load_config
+    from vlretrieval.convert.initialise import initial_params
+    from vlretrieval.models import layout
+    from vlretrieval.train import create_train_state, make_optimizer
+
+    reference, folder = hf_folders["clip"]
+    outdir = tmp_path / "clip"
+    code, _, err = run_cli(capsys, "convert", "--from", "hf", folder, "--to", str(outdir),
+                           "--config", "configs/demo.py:tiny")
+    assert code == 0, err
+    config = load_config(str(outdir / "config.py"), ["model.scan_layers=true"])
+    model = build_model(config.model, VOCAB)
+    tx, _ = make_optimizer(config.optimizer, config.train.num_steps)
+    template = jax.eval_shape(lambda: create_train_state(model, tx, config.seed))
+    assert layout.is_scanned(template.params)
+    params = initial_params(f"hf:{folder}", template.params, config.model)
+    checkpointer = Checkpointer(str(outdir))
+    restored = checkpointer.restore(template)  # the unrolled converted checkpoint, stacked
+    checkpointer.close()
+    for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b)
+    ids, mask = text_inputs()
+    ids[np.arange(3), mask.sum(1) - 1] = VOCAB - 1
+    pixels, ours = images(3)
+    with torch.no_grad():
+        want = reference(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                         pixel_values=torch.tensor(pixels))
+    outputs = model.apply({"params": params}, ours, jnp.asarray(ids), jnp.asarray(mask))
+    record("clip scanned image_embeds", outputs["image_embeddings"], want.image_embeds)
+    record("clip scanned text_embeds", outputs["text_embeddings"], want.text_embeds)
+    # A checkpoint of the scanned model exports to the original state dict.
+    scanned_run = tmp_path / "scanned_run"
+    checkpointer = Checkpointer(str(scanned_run))
+    checkpointer.save(0, restored, config)
+    checkpointer.wait()
+    checkpointer.close()
+    code, _, err = run_cli(capsys, "convert", "--from", "vlretrieval", str(scanned_run),
+                           "--to-hf", str(tmp_path / "back"), "--arch", "clip")
+    assert code == 0, err
+    original, back = hf_state(folder), hf_state(tmp_path / "back")
+    assert sorted(back) == sorted(original)
+    for name in original:
+        np.testing.assert_array_equal(back[name], original[name], err_msg=name)
+
+
 def _copy_folder(folder, destination, config_edit=None, weights=True):
     destination.mkdir()
     config = json.load(open(os.path.join(folder, "config.json")))

@@ -182,3 +182,38 @@ def test_dual_encoder_trains_with_the_same_trainer(data_dir, tmp_path):
     assert os.path.isdir(tmp_path / "checkpoints" / "6")
     assert 0.0 <= results["average"]["mean_recall"] <= 100.0
     assert all(np.isfinite(_losses(str(tmp_path))))
+
+
+def test_a_run_resumes_and_evaluates_in_the_other_stack_layout(data_dir, tmp_path):
+    """Trained unrolled for 3 steps, resumed with scan_layers for 3 more: the same parameters as
+    6 unrolled steps, and the same evaluation in either layout."""
+    from flax import traverse_util
+
+    from tests.helpers import assert_close_relative
+    from vlretrieval.checkpoint import load_params
+    from vlretrieval.models import layout
+
+    switched, straight = str(tmp_path / "switched"), str(tmp_path / "straight")
+    train(tiny_config(data_dir, "train.num_steps=3"), switched, progress=False)
+    _, scanned_params, _ = train(tiny_config(data_dir, "model.scan_layers=true"), switched,
+                                 progress=False)
+    assert layout.is_scanned(scanned_params)
+    _, params, _ = train(tiny_config(data_dir), straight, progress=False)
+    # Attention key biases have a zero gradient in exact arithmetic (the softmax ignores them),
+    # so Adam turns their rounding noise into lr-sized steps: compared apart, loosely.
+    def split(tree):
+        flat = traverse_util.flatten_dict(tree, sep="/")
+        keys = {k: v for k, v in flat.items() if k.endswith("attention/key/bias")}
+        return {k: v for k, v in flat.items() if k not in keys}, keys
+    (got, got_keys), (want, want_keys) = (
+        split(layout.to_layout(jax.device_get(scanned_params), False)), split(jax.device_get(params)))
+    assert_close_relative(got, want)
+    for name in want_keys:
+        np.testing.assert_allclose(got_keys[name], want_keys[name], atol=2e-2)  # 6 steps of lr <= 2e-3, Adam's unit-size step
+    # load_params (--init_from) stacks an unrolled run's parameters for a scanned model.
+    stacked = load_params(straight, jax.device_get(scanned_params))
+    for a, b in zip(jax.tree.leaves(stacked), jax.tree.leaves(layout.to_layout(jax.device_get(params), True))):
+        np.testing.assert_array_equal(a, b)
+    unrolled = evaluate_checkpoint(tiny_config(data_dir), switched)
+    scanned = evaluate_checkpoint(tiny_config(data_dir, "model.scan_layers=true"), switched)
+    assert scanned["average"] == unrolled["average"]

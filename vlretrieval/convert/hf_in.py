@@ -16,6 +16,7 @@ import numpy as np
 from vlretrieval.convert import architectures, positions
 from vlretrieval.convert.rules import hf_shape, to_ours
 from vlretrieval.errors import UserError
+from vlretrieval.models import layout
 
 SAFETENSORS, PYTORCH_BIN = "model.safetensors", "pytorch_model.bin"
 # Buffers some checkpoints carry beside the weights: recomputed by the model, never learned.
@@ -150,5 +151,6 @@ def expected_shapes(model: dict, vocab_size: int) -> dict[str, tuple[int, ...]]:
     shapes = jax.eval_shape(
         lambda: module.init(jax.random.PRNGKey(0), *inputs, method=module.initialize)["params"]
     )
+    shapes = layout.to_layout(shapes, scanned=False)  # the converters' layout, whatever the model's
     return {"/".join(str(k.key) for k in path): tuple(leaf.shape)
             for path, leaf in jax.tree_util.tree_leaves_with_path(shapes)}
