@@ -4,6 +4,7 @@ model's matmuls, and a CPU run logs a finite MFU when told the chip's peak."""
 import json
 import math
 import os
+import sys
 
 import jax
 import ml_collections
@@ -87,3 +88,23 @@ def test_a_cpu_run_logs_finite_tflops_and_mfu_given_the_peak(tmp_path, capsys):
         records = [json.loads(line) for line in handle]
     assert records and all(math.isfinite(r["mfu"]) and r["mfu"] > 0 for r in records)
     assert all(r["tflops_per_second_per_device"] == pytest.approx(r["mfu"] * 0.05) for r in records)
+
+
+def test_the_accelerator_script_runs_its_whole_path_on_the_cpu(tmp_path):
+    """`benchmarks/accelerator.sh --smoke`: the B/16 largest-batch throughput, the residual memory
+    and the search benchmark, at toy sizes, each printing its JSON figures."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)  # one device, as on a single-chip machine
+    result = subprocess.run(["bash", "benchmarks/accelerator.sh", "--smoke"], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    with open(tmp_path / "accelerator.jsonl") as handle:
+        records = [json.loads(line) for line in handle if line.startswith("{")]
+    by_name = {record.get("benchmark", "search"): record for record in records}
+    fitted = by_name["b16_bf16"]
+    assert fitted["fits"] and fitted["tflops_per_second_per_device"] > 0
+    assert 0 < by_name["activation_memory"]["bfloat16_full_remat_over_float32"] < 1
+    assert "search" in by_name

@@ -36,7 +36,7 @@ def _optional_section(cls, config: ml_collections.ConfigDict, name: str):
 
 # Model-wide numerics and layout, set on every encoder; configs written before they existed get
 # these defaults.
-MODEL_WIDE = {"dtype": "float32", "attention": "xla", "scan_layers": False}
+MODEL_WIDE = {"dtype": "float32", "attention": "auto", "scan_layers": False}
 
 
 def _model_wide(config: ml_collections.ConfigDict) -> dict:
