@@ -44,6 +44,9 @@ def _model_wide(config: ml_collections.ConfigDict) -> dict:
     for key, choices in (("dtype", tuple(COMPUTE_DTYPES)), ("attention", ATTENTION_IMPLEMENTATIONS)):
         if options[key] not in choices:
             raise UserError(f"config.model.{key} is {options[key]!r}; choose one of {choices}")
+    if options["attention"] == "cudnn" and jax.default_backend() != "gpu":
+        raise UserError(f"config.model.attention=cudnn needs a GPU (this backend is "
+                        f"{jax.default_backend()}); use auto or xla")
     if not isinstance(options["scan_layers"], bool):
         raise UserError("config.model.scan_layers must be true or false")
     return options
