@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 WORKDIR ?= workdir/demo
 DATA_DIR ?= data
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test lint install install-test clean
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; set PYTHON=/path/to/python3.11" >&2; exit 1; }
@@ -29,6 +29,10 @@ demo: install
 
 test: install-test
 	$(BIN)/python -m pytest tests
+
+# ruff's rules and line length are in pyproject.toml.
+lint: install-test
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(WORKDIR)

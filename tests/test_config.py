@@ -21,7 +21,9 @@ def test_overrides_are_parsed_to_the_field_type():
 
 
 def test_unknown_key_is_rejected_with_a_suggestion():
-    with pytest.raises(UserError, match=r"unknown config key config\.train\.batch_sise; did you mean config\.train\.batch_size"):
+    with pytest.raises(
+        UserError, match=r"unknown config key config\.train\.batch_sise; did you mean config\.train\.batch_size"
+    ):
         load_config(DEMO, ["train.batch_sise=64"])
     with pytest.raises(UserError, match="unknown config key config.trian"):
         load_config(DEMO, ["trian.batch_size=64"])

@@ -75,7 +75,8 @@ def test_init_from_another_architecture_names_the_parameter_and_shapes(joint_run
         load_config("configs/demo.py:tiny", ["model.transformer.width=48", "model.transformer.num_heads=4"]).model,
         data.tokenizer.vocab_size,
     )
-    with pytest.raises(UserError, match=r"parameter \S+ has shape \(\d+(, \d+)*\) in the checkpoint but \(\d+(, \d+)*\) in this model"):
+    shapes = r"parameter \S+ has shape \(\d+(, \d+)*\) in the checkpoint but \(\d+(, \d+)*\) in this model"
+    with pytest.raises(UserError, match=shapes):
         load_params(workdir, init_params(model, jax.random.PRNGKey(0)))
     result = run_cli(
         "train", "--config", "configs/demo.py:tiny", "--workdir", str(tmp_path / "w"),

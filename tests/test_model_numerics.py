@@ -58,7 +58,7 @@ def _sharded_loss_and_grads(model, params):
     return loss, grads
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference(kind):
     """Today's model: the attention written out, blocks unrolled, nothing recomputed."""
     model = build_model(_model_config(kind, attention="explicit"), VOCAB)

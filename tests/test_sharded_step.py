@@ -39,7 +39,7 @@ def _objectives_config(variant):
     return config
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model():
     config = tiny_model_config()
     for name in ("transformer", "image_transformer", "text_transformer"):
@@ -70,7 +70,7 @@ def _objective(variant, tower_losses=losses):
                           vocab_size=VOCAB, tower_losses=tower_losses)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference(variant):
     """Loss and gradients on one device, the whole batch in one array."""
     _, params = _model()

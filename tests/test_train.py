@@ -14,7 +14,11 @@ from vlretrieval.config import load_config
 from vlretrieval.models import build_model
 from vlretrieval.objectives import make_objective
 from vlretrieval.train import (
-    create_train_state, evaluate_checkpoint, make_train_step, train, train_and_evaluate,
+    create_train_state,
+    evaluate_checkpoint,
+    make_train_step,
+    train,
+    train_and_evaluate,
 )
 
 
@@ -209,7 +213,8 @@ def test_a_run_resumes_and_evaluates_in_the_other_stack_layout(data_dir, tmp_pat
         split(layout.to_layout(jax.device_get(scanned_params), False)), split(jax.device_get(params)))
     assert_close_relative(got, want)
     for name in want_keys:
-        np.testing.assert_allclose(got_keys[name], want_keys[name], atol=2e-2)  # 6 steps of lr <= 2e-3, Adam's unit-size step
+        # 6 steps of learning rate <= 2e-3, each an Adam step of about unit size.
+        np.testing.assert_allclose(got_keys[name], want_keys[name], atol=2e-2)
     # load_params (--init_from) stacks an unrolled run's parameters for a scanned model.
     stacked = load_params(straight, jax.device_get(scanned_params))
     for a, b in zip(jax.tree.leaves(stacked), jax.tree.leaves(layout.to_layout(jax.device_get(params), True))):

@@ -12,7 +12,8 @@ Activation memory is one micro-batch's; the loss, gradients and negatives are th
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

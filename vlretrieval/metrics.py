@@ -100,7 +100,8 @@ def average_precision(
         if real < chunk:  # one compiled shape
             rows = np.concatenate([rows, np.repeat(rows[-1:], chunk - real, axis=0)])
             labels = np.concatenate([labels, np.repeat(labels[-1:], chunk - real)])
-        average, at_r, total = (np.asarray(x)[:real] for x in _average_precision_chunk(rows, labels, gallery, gallery_labels))
+        outputs = _average_precision_chunk(rows, labels, gallery, gallery_labels)
+        average, at_r, total = (np.asarray(x)[:real] for x in outputs)
         averages.append(average), at_rs.append(at_r), totals.append(total)
     has_positive = np.concatenate(totals) > 0
     if not has_positive.any():

@@ -54,7 +54,7 @@ def _relayout(encoder: dict, scanned: bool) -> dict:
     if not scanned and SCANNED in encoder:
         blocks = encoder[SCANNED]
         for index in range(_depth(blocks)):
-            rest[f"block_{index}"] = jax.tree_util.tree_map(lambda x: _unstack(x, index), blocks)
+            rest[f"block_{index}"] = jax.tree_util.tree_map(lambda x, i=index: _unstack(x, i), blocks)
         return rest
     return encoder
 

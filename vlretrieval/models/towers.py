@@ -4,7 +4,8 @@ Two models share that interface:
 - `DecomposedVLTransformer` (VLDeformer): both towers run the one `JointVLTransformer` on a single
   modality, so there is exactly one copy of the transformer weights (params["joint"]).
 - `DualEncoder` (CLIP/MURAL): an independent ViT and text transformer.
-Both hold a learnable temperature (and, for the sigmoid loss, a learnable logit bias); `__call__` returns what the contrastive losses need.
+Both hold a learnable temperature (and, for the sigmoid loss, a learnable logit bias); `__call__`
+returns what the contrastive losses need.
 """
 
 from __future__ import annotations
