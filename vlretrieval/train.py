@@ -260,7 +260,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
             if meter is None:
                 step_fn, meter = _compile_step(step_fn, state, batch, config, start_step)
             state, metrics = step_fn(state, batch)
-            bar.update(1)
             is_last = step == num_steps
             # Every N steps, not every step: on several hosts the check is a collective, and one
             # per step would stall asynchronous dispatch. All hosts check at the same steps.
@@ -271,6 +270,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
                 _check_finite(metrics, step)
                 metrics.update(meter.mark(step))
                 writer.write({"step": step, **metrics})
+                # Advanced only here, where the device has finished the steps: per dispatched step
+                # the bar raced ahead of the device and then stalled at every log step.
+                bar.update(step - bar.n)
                 bar.set_postfix(
                     loss=f"{metrics['loss']:.3f}", ex_per_s=f"{metrics['examples_per_second']:.0f}"
                 )
