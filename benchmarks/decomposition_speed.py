@@ -27,10 +27,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vlretrieval import parallel, rerank  # noqa: E402
+from vlretrieval import parallel  # noqa: E402
 from vlretrieval.checkpoint import Checkpointer, load_params  # noqa: E402
 from vlretrieval.data import datasets, pipeline  # noqa: E402
-from vlretrieval.evaluate import embed_in_batches, evaluate_split, subset  # noqa: E402
+from vlretrieval.evaluation import rerank  # noqa: E402
+from vlretrieval.evaluation.evaluate import embed_in_batches, evaluate_split, subset  # noqa: E402
 from vlretrieval.models import build_model, init_params  # noqa: E402
 
 

@@ -48,7 +48,7 @@ def agreement(jax_scores, jax_index, faiss_scores, faiss_index) -> dict:
 
 
 def speed(args) -> dict:
-    from vlretrieval import search
+    from vlretrieval.evaluation import search
 
     rng = np.random.default_rng(0)
     queries = random_unit(rng, args.queries, args.dim)
@@ -166,7 +166,8 @@ def memory(args) -> dict:
     """Run in a fresh process: peak RSS rise over a top-k of `memory_gallery` vectors."""
     import jax
 
-    from vlretrieval import parallel, search
+    from vlretrieval import parallel
+    from vlretrieval.evaluation import search
 
     rng = np.random.default_rng(1)
     queries = random_unit(rng, args.memory_queries, args.dim)

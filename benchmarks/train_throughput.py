@@ -44,7 +44,8 @@ from configs.demo import get_config, transformer  # noqa: E402
 from vlretrieval import parallel, throughput  # noqa: E402
 from vlretrieval.models import build_model  # noqa: E402
 from vlretrieval.objectives import make_objective  # noqa: E402
-from vlretrieval.train import create_train_state, make_optimizer, make_train_step  # noqa: E402
+from vlretrieval.state import create_train_state, make_optimizer  # noqa: E402
+from vlretrieval.train import make_train_step  # noqa: E402
 
 LEARNING_RATE, WEIGHT_DECAY, CLIP_NORM = 1e-4, 0.05, 1.0
 

@@ -104,7 +104,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.batch_size = 128  # global, over all devices and hosts
     # 1,000 steps, not 500: at 500 recall is still climbing steeply and float rounding alone (1 vs
     # 8 devices, or accumulation on) moved the end point by up to 15 points of R@1; at 1,000 every
-    # seed ends near the same recall (README, "Training on many devices").
+    # seed ends near the same recall (docs/multi-device.md).
     config.train.num_steps = 1000
     config.train.log_every = 25
     config.train.checkpoint_every = 250

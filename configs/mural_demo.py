@@ -33,12 +33,12 @@ def get_config(arg=None):
     # pushes apart as negatives while the image-text task wants them together; at weight 1 and
     # the learned (sharp, ~1/20) temperature that cost the captioned languages 2-5 points of mean
     # recall; at 0.3 and 0.2, 1.1-1.7 on the mean of three seeds (benchmarks/mural_lowres.py;
-    # README), Italian as good.
+    # docs/mural.md), Italian as good.
     config.objectives.text_text = 0.3 if multitask else 0.0
     config.objectives.text_text_temperature = 0.2
     config.objectives.text_text_margin = 0.0
     config.bitext.batch_size = config.train.batch_size
     config.bitext.language_pairs = ("en-de", "en-fr", "en-es", "en-it")
     if not variant.startswith("tiny"):
-        config.train.num_steps = 500  # what the README's MURAL figures were measured with
+        config.train.num_steps = 500  # what the MURAL figures in docs/mural.md were measured with
     return config

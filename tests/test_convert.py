@@ -294,7 +294,7 @@ def test_converted_folder_reads_back_and_initialises_a_run(hf_folders, tmp_path,
     assert config.data.tokenizer == str(outdir / "tokenizer")
     # eval reads it as a training workdir: the whole train state restores against the template.
     from vlretrieval.checkpoint import Checkpointer
-    from vlretrieval.train import create_train_state, make_optimizer
+    from vlretrieval.state import create_train_state, make_optimizer
     model = build_model(config.model, VOCAB)
     tx, _ = make_optimizer(config.optimizer, config.train.num_steps)
     checkpointer = Checkpointer(str(outdir))
@@ -322,7 +322,7 @@ def test_clip_loads_into_a_scanned_model_matches_transformers_and_exports_back(
     from vlretrieval.config import load_config
     from vlretrieval.convert.initialise import initial_params
     from vlretrieval.models import layout
-    from vlretrieval.train import create_train_state, make_optimizer
+    from vlretrieval.state import create_train_state, make_optimizer
 
     reference, folder = hf_folders["clip"]
     outdir = tmp_path / "clip"

@@ -10,9 +10,9 @@ import pytest
 
 from configs.demo import get_config
 from tests.helpers import tiny_model_config
-from vlretrieval import index, retrieval, train
 from vlretrieval.data.tokenizer import TextTokenizer, train_wordpiece_tokenizer
 from vlretrieval.errors import UserError
+from vlretrieval.evaluation import checkpoints, index, index_commands
 from vlretrieval.models import build_model, init_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,16 +81,16 @@ def test_index_then_search_and_eval_with_the_index(tmp_path, monkeypatch):
     images = rng.integers(0, 256, (6, 16, 16, 3)).astype(np.uint8)
     captions = [[" ".join(rng.choice(WORDS, 4)) for _ in range(2)] for _ in range(6)]
     data = FakeData(tokenizer, images, captions)
-    monkeypatch.setattr(retrieval, "restore_for_evaluation", lambda config, workdir: (model, params, data, 7))
+    monkeypatch.setattr(index_commands, "restore_for_evaluation", lambda config, workdir: (model, params, data, 7))
 
     path = str(tmp_path / "gallery.safetensors")
-    summary = retrieval.build_index(config, str(tmp_path), path)
+    summary = index_commands.build_index(config, str(tmp_path), path)
     assert summary["items"] == 6 and summary["step"] == 7 and summary["normalized"]
     saved = index.read_index(path)
     assert saved.item_ids == [f"photo{i}" for i in range(6)]
     assert saved.config_hash == index.config_hash(config.model)
 
-    found = retrieval.search_index(config, str(tmp_path), path, [captions[3][0], "red square"], k=3)
+    found = index_commands.search_index(config, str(tmp_path), path, [captions[3][0], "red square"], k=3)
     assert [len(f["results"]) for f in found] == [3, 3]
     scores = [r["score"] for r in found[0]["results"]]
     assert scores == sorted(scores, reverse=True)
@@ -98,17 +98,17 @@ def test_index_then_search_and_eval_with_the_index(tmp_path, monkeypatch):
     # eval with the index gives the metrics of eval embedding the images itself.
     (tmp_path / "direct").mkdir()
     config.eval.report = False
-    direct = train.evaluate_checkpoint(config, str(tmp_path / "direct"), model, params, data)
+    direct = checkpoints.evaluate_checkpoint(config, str(tmp_path / "direct"), model, params, data)
     config.eval.report = True
     config.eval.index = path
-    indexed = train.evaluate_checkpoint(config, str(tmp_path), model, params, data)
+    indexed = checkpoints.evaluate_checkpoint(config, str(tmp_path), model, params, data)
     assert indexed["languages"] == direct["languages"] and indexed["index"]["step"] == 7
     assert os.path.exists(tmp_path / "results.md") and os.path.exists(tmp_path / "results_recall_at_k.png")
 
     # An index of another dimension is refused.
     index.write_index(path, unit(6, 4), [str(i) for i in range(6)], step=1, config_hash="other")
     with pytest.raises(UserError, match="dimension 4"):
-        train.evaluate_checkpoint(config, str(tmp_path), model, params, data)
+        checkpoints.evaluate_checkpoint(config, str(tmp_path), model, params, data)
 
 
 def test_cli_search_with_a_missing_index_is_one_error_line(tmp_path):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from vlretrieval.evaluate import average_over_languages, bidirectional_metrics, format_table, retrieval_ranks
+from vlretrieval.evaluation.evaluate import average_over_languages, bidirectional_metrics, format_table, retrieval_ranks
 
 
 def _unit(vectors):

@@ -17,7 +17,8 @@ from vlretrieval.errors import UserError
 from vlretrieval.models import build_model, init_params, layout
 from vlretrieval.models.transformer import REMAT_POLICIES
 from vlretrieval.objectives import make_objective
-from vlretrieval.train import create_train_state, make_optimizer, make_train_step
+from vlretrieval.state import create_train_state, make_optimizer
+from vlretrieval.train import make_train_step
 
 VOCAB, BATCH, DEVICES = 40, 16, 8
 

@@ -15,7 +15,7 @@ from vlretrieval.data import datasets, pipeline
 from vlretrieval.data.builders import captions, demo_scenes, translation_pairs
 from vlretrieval.data.builders.demo_scenes import DemoScenesConfig
 from vlretrieval.errors import UserError
-from vlretrieval.evaluate import evaluate_split, write_results
+from vlretrieval.evaluation.evaluate import evaluate_split, write_results
 from vlretrieval.train import train
 
 SMALL = DemoScenesConfig(name="mural_small", seed=0, num_train=200, num_validation=20, num_test=30)

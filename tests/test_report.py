@@ -5,8 +5,8 @@ import json
 import numpy as np
 from PIL import Image
 
-from vlretrieval import metrics, report
-from vlretrieval.evaluate import write_results
+from vlretrieval.evaluation import metrics, report
+from vlretrieval.evaluation.evaluate import write_results
 
 
 def results_for_two_languages():

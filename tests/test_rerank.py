@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from tests.helpers import tiny_model_config
-from vlretrieval import parallel, rerank
+from vlretrieval import parallel
 from vlretrieval.data.tokenizer import TextTokenizer, train_wordpiece_tokenizer
-from vlretrieval.evaluate import evaluate_split
+from vlretrieval.evaluation import rerank
+from vlretrieval.evaluation.evaluate import evaluate_split
 from vlretrieval.models import build_model, init_params
 
 WORDS = "red green blue circle square triangle small large left right above below".split()

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from vlretrieval import metrics
 from vlretrieval.errors import UserError
-from vlretrieval.evaluate import format_table
+from vlretrieval.evaluation import metrics
+from vlretrieval.evaluation.evaluate import format_table
 
 
 def unit(vectors):

@@ -4,7 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from vlretrieval import parallel, search
+from vlretrieval import parallel
+from vlretrieval.evaluation import search
 
 
 def reference_top_k(queries, gallery, k):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from tests.helpers import run_local_hosts
-from vlretrieval import evaluate, metrics, parallel
+from vlretrieval import parallel
+from vlretrieval.evaluation import evaluate, metrics
 
 WORDS = ["red", "green", "blue", "square", "circle", "small", "large", "a", "the", "on"]
 

@@ -16,7 +16,8 @@ from vlretrieval import throughput
 from vlretrieval.config import load_config
 from vlretrieval.models import build_model
 from vlretrieval.objectives import make_objective
-from vlretrieval.train import create_train_state, make_optimizer, make_train_step, train
+from vlretrieval.state import create_train_state, make_optimizer
+from vlretrieval.train import make_train_step, train
 
 BATCH, IMAGE, PATCH, TEXT, WIDTH, DEPTH, MLP, EMBED, VOCAB = 32, 64, 16, 77, 256, 4, 1024, 128, 1000
 

@@ -13,13 +13,8 @@ from vlretrieval import parallel
 from vlretrieval.config import load_config
 from vlretrieval.models import build_model
 from vlretrieval.objectives import make_objective
-from vlretrieval.train import (
-    create_train_state,
-    evaluate_checkpoint,
-    make_train_step,
-    train,
-    train_and_evaluate,
-)
+from vlretrieval.state import create_train_state
+from vlretrieval.train import evaluate_checkpoint, make_train_step, train, train_and_evaluate
 
 
 def tiny_config(data_dir, *overrides):
@@ -164,7 +159,7 @@ def test_train_step_with_every_term_on_8_fsdp_devices_matches_1_device(data_dir)
 
 def test_weight_decay_applies_to_weight_matrices_only(data_dir):
     from vlretrieval.models import init_params
-    from vlretrieval.train import weight_decay_mask
+    from vlretrieval.state import weight_decay_mask
 
     model = build_model(tiny_config(data_dir).model, vocab_size=60)
     mask = weight_decay_mask(init_params(model, jax.random.PRNGKey(0)))

@@ -167,7 +167,8 @@ def run(argv: list[str]) -> int:
     import jax
 
     from vlretrieval import train
-    from vlretrieval.evaluate import format_table
+    from vlretrieval.evaluation import checkpoints
+    from vlretrieval.evaluation.evaluate import format_table
 
     progress = not args.no_progress and jax.process_index() == 0
     if args.command in ("train", "demo"):
@@ -182,26 +183,26 @@ def run(argv: list[str]) -> int:
                   f"wall time {results['wall_seconds']:.0f} s")
         return 0
     if args.command == "eval":
-        results = train.evaluate_checkpoint(config, args.workdir)
+        results = checkpoints.evaluate_checkpoint(config, args.workdir)
         hosts.finish()
         if jax.process_index() == 0:
             print(format_table(results, config.eval.recall_at))
         return 0
     if args.command in ("index", "search"):
-        from vlretrieval import retrieval
+        from vlretrieval.evaluation import index_commands
 
         if args.command == "index":
-            summary = retrieval.build_index(config, args.workdir, args.output)
+            summary = index_commands.build_index(config, args.workdir, args.output)
         else:
-            queries = retrieval.read_queries(args.query, args.queries_file)
-            found = retrieval.search_index(config, args.workdir, args.index, queries, args.k)
+            queries = index_commands.read_queries(args.query, args.queries_file)
+            found = index_commands.search_index(config, args.workdir, args.index, queries, args.k)
         hosts.finish()
         if jax.process_index() == 0:
             if args.command == "index":
                 print(f"wrote {summary['items']} embeddings of dimension {summary['dim']} "
                       f"(checkpoint step {summary['step']}) to {summary['index']}")
             else:
-                retrieval.print_results(found)
+                index_commands.print_results(found)
         return 0
     raise AssertionError(args.command)
 

@@ -11,9 +11,7 @@ import os
 import time
 from typing import Any
 
-import flax
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 from tqdm import tqdm
@@ -21,59 +19,21 @@ from tqdm import tqdm
 from vlretrieval import config as config_lib
 from vlretrieval import objectives, parallel, preemption, throughput
 from vlretrieval.accumulate import accumulated_value_and_grad
-from vlretrieval.checkpoint import Checkpointer, has_checkpoint, load_params
+from vlretrieval.checkpoint import Checkpointer, has_checkpoint
 from vlretrieval.convert.initialise import initial_params
 from vlretrieval.data import datasets, pipeline
 from vlretrieval.data.builders.image_captions import summary
 from vlretrieval.errors import UserError
-from vlretrieval.evaluate import evaluate_split, format_table, subset, write_results
-from vlretrieval.models import build_model, init_params
+from vlretrieval.evaluation import checkpoints
+from vlretrieval.evaluation.evaluate import format_table
+from vlretrieval.models import build_model
 from vlretrieval.models.factory import parameter_count
 from vlretrieval.negatives import TextNegativeComposer
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any
-    opt_state: Any
-    rng: jax.Array
+from vlretrieval.state import TrainState, create_train_state, make_optimizer
 
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite."""
-
-
-def weight_decay_mask(params: Any) -> Any:
-    """Decay weight matrices only: not norms, biases, embeddings, class tokens or the temperature."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: getattr(path[-1], "key", None) == "kernel", params
-    )
-
-
-def make_optimizer(config: ml_collections.ConfigDict, num_steps: int):
-    """AdamW with linear warm-up, cosine decay and global-norm clipping; returns (tx, schedule)."""
-    warmup = min(config.warmup_steps, max(num_steps - 1, 0))
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=config.learning_rate,
-        warmup_steps=warmup,
-        decay_steps=max(num_steps, warmup + 1),
-        end_value=config.learning_rate * config.end_learning_rate_fraction,
-    )
-    tx = optax.chain(
-        optax.clip_by_global_norm(config.gradient_clip_norm),
-        optax.adamw(schedule, b2=config.b2, weight_decay=config.weight_decay, mask=weight_decay_mask),
-    )
-    return tx, schedule
-
-
-def create_train_state(model, tx, seed: int) -> TrainState:
-    init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(seed))
-    params = init_params(model, init_rng)
-    return TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=dropout_rng
-    )
 
 
 def make_train_step(objective, tx, schedule, *, accumulation_steps: int = 1, mesh=None):
@@ -278,7 +238,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
                 )
             eval_metrics = None
             if config.train.eval_every and (step % config.train.eval_every == 0 or is_last):
-                eval_metrics = _evaluate_during_training(config, model, state.params, data, mesh)
+                eval_metrics = checkpoints.evaluate_during_training(config, model, state.params, data, mesh)
                 writer.write({"step": step, **{f"eval_{k}": v for k, v in eval_metrics.items()}})
                 meter.restart(step)
                 saving = True  # the metric ranks checkpoints: keep one at every evaluation
@@ -310,21 +270,6 @@ def _compile_step(step_fn, state, batch, config, start_step: int):
         print(f"compiled the train step in {time.perf_counter() - started:.1f} s; "
               + throughput.describe(flops, peak, device_kind, config.model.dtype))
     return compiled, throughput.StepMeter(start_step, config.train.batch_size, flops, peak)
-
-
-def _evaluate_during_training(config, model, params, data, mesh) -> dict[str, float]:
-    """Mean recall (average over languages) on `config.eval.split`, to rank checkpoints."""
-    split = subset(
-        pipeline.load_split(
-            data.split(config.eval.split), config.data.languages, config.model.image_size
-        ),
-        config.eval.max_images,
-    )
-    results = evaluate_split(
-        model, params, split, data.tokenizer, mesh=mesh, batch_size=config.eval.batch_size,
-        max_text_length=config.data.max_text_length, recall_at=config.eval.recall_at,
-    )
-    return {"mean_recall": results["average"]["mean_recall"]}
 
 
 def _training_batches(config: ml_collections.ConfigDict, data, translations):
@@ -361,85 +306,13 @@ def _training_batches(config: ml_collections.ConfigDict, data, translations):
     return pipeline.TrainingBatches({"image_text": image_text, "text_text": bitext})
 
 
-def restore_for_evaluation(config: ml_collections.ConfigDict, workdir: str):
-    """(model, params, data, step) of the latest checkpoint in `workdir`, built from `config`.
-    Prints `config_lib.evaluated_config_note` where the config's data or model settings differ
-    from the checkpoint's."""
-    data = datasets.open_dataset(config.data, seed=config.seed)
-    model = build_model(config.model, data.tokenizer.vocab_size)
-    tx, _ = make_optimizer(config.optimizer, config.train.num_steps)
-    checkpointer = Checkpointer(workdir)
-    step, state = checkpointer.restore_latest(create_train_state(model, tx, config.seed))
-    note = config_lib.evaluated_config_note(checkpointer.saved_config(step), config, step)
-    checkpointer.close()
-    if note and jax.process_index() == 0:
-        print(note)
-    return model, state.params, data, step
-
-
-def evaluate_checkpoint(
-    config: ml_collections.ConfigDict, workdir: str, model=None, params=None, data=None
-) -> dict[str, Any]:
-    """Evaluate `params` (or the latest checkpoint in `workdir`) on `config.eval.split`."""
-    from vlretrieval import index as index_file
-    from vlretrieval import metrics, report
-
-    if model is None:
-        model, params, data, _ = restore_for_evaluation(config, workdir)
-    joint_params = None
-    if config.eval.joint_from and config.eval.mode != "towers":
-        joint_params = load_params(config.eval.joint_from, params)
-    mesh = parallel.make_mesh(config.train.num_devices or None)
-    split = subset(
-        pipeline.load_split(
-            data.split(config.eval.split), config.data.languages, config.model.image_size
-        ),
-        config.eval.max_images,
-    )
-    # A saved image index (`vlretrieval index`) stands in for embedding the images; the query
-    # encoder must give vectors of its dimension and normalisation.
-    saved_index = index_file.read_index(config.eval.index) if config.eval.index else None
-    results = evaluate_split(
-        model,
-        params,
-        split,
-        data.tokenizer,
-        mesh=mesh,
-        batch_size=config.eval.batch_size,
-        max_text_length=config.data.max_text_length,
-        recall_at=config.eval.recall_at,
-        mode=config.eval.mode,
-        shortlist_size=config.eval.shortlist,
-        pair_batch_size=config.eval.pair_batch_size,
-        joint_params=joint_params,
-        rerank_tower_weight=config.eval.rerank_tower_weight,
-        metrics=metrics.check_metrics(config.eval.metrics),
-        image_embeddings=None if saved_index is None else index_file.gallery_for_split(
-            saved_index, config.eval.index, len(split["images"])),
-        check_queries=None if saved_index is None else index_file.query_checker(saved_index, config.eval.index),
-        search_options=dict(query_chunk=config.eval.query_chunk, gallery_chunk=config.eval.gallery_chunk,
-                            score_dtype=config.eval.score_dtype),
-    )
-    results["split"] = config.eval.split
-    if saved_index is not None:
-        results["index"] = {"path": config.eval.index, "step": saved_index.step,
-                            "config_hash": saved_index.config_hash}
-    if jax.process_index() == 0:
-        # Towers results are the run's results.json; other modes do not overwrite them.
-        name = "results.json" if config.eval.mode == "towers" else f"results_{config.eval.mode}.json"
-        write_results(results, workdir, name)
-        if config.eval.report:
-            report.write_report(results, workdir, name[: -len(".json")])
-    return results
-
-
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
 ) -> dict[str, Any]:
     """Train, then evaluate on `config.eval.split`; writes results.json and prints the table."""
     started = time.perf_counter()
     model, params, data = train(config, workdir, progress=progress)
-    results = evaluate_checkpoint(config, workdir, model, params, data)
+    results = checkpoints.evaluate_checkpoint(config, workdir, model, params, data)
     results["wall_seconds"] = time.perf_counter() - started
     if jax.process_index() == 0:
         print(format_table(results, config.eval.recall_at))

@@ -140,7 +140,7 @@ def _state(converted, config) -> tuple[Any, list[str]]:
     import jax
 
     from vlretrieval.models import build_model
-    from vlretrieval.train import create_train_state, make_optimizer
+    from vlretrieval.state import create_train_state, make_optimizer
 
     model = build_model(config.model, converted.vocab_size)
     tx, _ = make_optimizer(config.optimizer, config.train.num_steps)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from vlretrieval import losses
-from vlretrieval.parallel import DATA_AXIS
+from vlretrieval.parallel.mesh import DATA_AXIS
 
 
 def _shard_map(fn, mesh: Mesh, in_specs, out_specs):

@@ -20,14 +20,13 @@ Readers check the text files only: a missing or corrupt image is the builder's t
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import json
 import os
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from vlretrieval.data.builders import layout_files
 from vlretrieval.errors import UserError
 
 LAYOUTS = ("karpathy", "crossmodal3600", "xtd10", "multi30k", "jsonl")
@@ -40,14 +39,6 @@ _OPTIONS: dict[str, dict[str, type]] = {
     "multi30k": {"coco_images_dir": str},
     "jsonl": {"language": str},
 }
-
-# tfds takes letters, digits and underscores in a split name; the published "val" becomes the
-# tfds spelling so every layout's validation split has one name.
-_SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
-_SPLIT_RENAMES = {"val": "validation"}
-# ISO 639 codes, optionally with a region or script: "en", "fil", "pt_BR", "zh_Hant".
-_LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}(_[A-Za-z]{2,4})?$")
-
 
 @dataclasses.dataclass(frozen=True)
 class SourceRecord:
@@ -104,109 +95,13 @@ def _scan(layout: str, source_dir: str, options: dict[str, Any]) -> tuple[tuple[
     return tuple(splits), tuple(sorted(languages))
 
 
-# --- reading files -------------------------------------------------------------------------------
-
-
-def _require_file(path: str, what: str) -> str:
-    if not os.path.isfile(path):
-        raise UserError(f"{what} {path} not found")
-    return path
-
-
-def _read_lines(path: str) -> list[str]:
-    """The lines of a UTF-8 text file (gzipped if its name ends in .gz). Only "\\n" ends a line:
-    str.splitlines would also split at Unicode separators a caption may contain."""
-    opener: Callable[..., Any] = gzip.open if path.endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8-sig", newline="") as handle:
-            text = handle.read()
-    except (OSError, EOFError, UnicodeDecodeError) as error:
-        raise UserError(f"{path}: cannot be read as UTF-8 text ({error})") from None
-    lines = text.split("\n")
-    if lines[-1] == "":
-        lines.pop()  # the newline that ends the last line starts no new one
-    return [line.removesuffix("\r") for line in lines]
-
-
-def _load_json(path: str) -> Any:
-    try:
-        with open(path, encoding="utf-8-sig") as handle:
-            return json.load(handle)
-    except json.JSONDecodeError as error:
-        raise UserError(f"{path}, line {error.lineno}: not valid JSON ({error.msg})") from None
-    except UnicodeDecodeError as error:
-        raise UserError(f"{path}: cannot be read as UTF-8 text ({error})") from None
-
-
-def _json_lines(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for every non-blank line of a JSON-lines file."""
-    for number, line in enumerate(_read_lines(path), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UserError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
-        if not isinstance(value, dict):
-            raise UserError(f"{path}, line {number}: expected a JSON object")
-        yield number, value
-
-
-def _field(entry: Any, name: str, where: str, kind: type = object) -> Any:
-    if not isinstance(entry, dict) or name not in entry:
-        raise UserError(f"{where}: no {name!r} field")
-    if not isinstance(entry[name], kind):
-        raise UserError(f"{where}: {name!r} must be a {kind.__name__}")
-    return entry[name]
-
-
-def _strings(value: Any, where: str) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(text, str) for text in value):
-        raise UserError(f"{where}: expected a list of caption strings")
-    return list(value)
-
-
-def _split_name(name: Any, where: str) -> str:
-    split = _SPLIT_RENAMES.get(name, name)
-    if not isinstance(split, str) or not _SPLIT_NAME.match(split):
-        raise UserError(f"{where}: split {name!r} is not a name tfds takes (letters, digits, _)")
-    return split
-
-
-def _check_language(code: Any, where: str) -> str:
-    if not isinstance(code, str) or not _LANGUAGE_CODE.match(code):
-        raise UserError(f"{where}: {code!r} is not a language code like en, fil or pt_BR")
-    return code
-
-
-def _image_names(path: str) -> list[str]:
-    """File names listed one a line. Multi30K's test_2017_mscoco adds "#<id>" (the COCO caption
-    that was translated), which is not part of the file name."""
-    names = [line.split("#", 1)[0].strip() for line in _read_lines(path)]
-    for number, name in enumerate(names, start=1):
-        if not name:
-            raise UserError(f"{path}, line {number}: an empty image name")
-    return names
-
-
-def _aligned_lines(path: str, list_path: str, count: int) -> list[str]:
-    """One caption a line, one line for each image of `list_path`."""
-    lines = _read_lines(path)
-    if len(lines) != count:
-        raise UserError(
-            f"{path} has {len(lines)} lines but {list_path} lists {count} images: "
-            "the files must align line by line"
-        )
-    return lines
-
-
 # --- karpathy ------------------------------------------------------------------------------------
 
 
 def _karpathy_annotation(source_dir: str, annotation: str | None) -> str:
     """The annotation file picked by name, else the one dataset_*.json in source_dir."""
     if annotation is not None:
-        return _require_file(os.path.join(source_dir, annotation), "Karpathy annotation file")
+        return layout_files.require_file(os.path.join(source_dir, annotation), "Karpathy annotation file")
     found = sorted(str(path) for path in Path(source_dir).glob("dataset_*.json"))
     if not found:
         raise UserError(
@@ -226,20 +121,20 @@ def _read_karpathy(
     COCO entries add "filepath" (train2014/val2014) and "cocoid". "restval" (COCO's 30k images
     outside the 5k val/test) is its own split unless `restval_to_train` folds it into train."""
     path = _karpathy_annotation(source_dir, annotation)
-    images = _field(_load_json(path), "images", path, list)
+    images = layout_files.field(layout_files.load_json(path), "images", path, list)
     for index, entry in enumerate(images):
         where = f"{path}, images[{index}]"
-        filename = _field(entry, "filename", where, str)
-        split = _field(entry, "split", where, str)
+        filename = layout_files.field(entry, "filename", where, str)
+        split = layout_files.field(entry, "split", where, str)
         if split == "restval" and restval_to_train:
             split = "train"
-        sentences = _field(entry, "sentences", where, list)
-        captions = [_field(sentence, "raw", f"{where}.sentences", str) for sentence in sentences]
+        sentences = layout_files.field(entry, "sentences", where, list)
+        captions = [layout_files.field(sentence, "raw", f"{where}.sentences", str) for sentence in sentences]
         # COCO's own id is stable across releases; Flickr has none, but its file names are ids.
         image_id = str(entry["cocoid"]) if "cocoid" in entry else Path(filename).stem
         relative = os.path.join(entry.get("filepath") or "", filename)
         yield SourceRecord(
-            _split_name(split, where),
+            layout_files.split_name(split, where),
             os.path.join(images_dir, relative),
             image_id,
             {"en": captions},
@@ -252,16 +147,16 @@ def _read_karpathy(
 def _read_crossmodal3600(source_dir: str, images_dir: str) -> Iterator[SourceRecord]:
     """captions.jsonl: one image a line, {"image/key": ..., "image/locale": ..., "<lang>":
     {"caption": [...], "caption/tokenized": [...], ...}, ...}; one split, "test"."""
-    path = _require_file(os.path.join(source_dir, "captions.jsonl"), "Crossmodal-3600 captions")
+    path = layout_files.require_file(os.path.join(source_dir, "captions.jsonl"), "Crossmodal-3600 captions")
     rows = []
-    for number, line in _json_lines(path):
+    for number, line in layout_files.json_lines(path):
         where = f"{path}, line {number}"
-        key = _field(line, "image/key", where, str)
+        key = layout_files.field(line, "image/key", where, str)
         # Every object-valued field is a language; the others ("image/key", "image/locale")
         # describe the image. Raw captions only: the tokenized ones are derived from them.
         captions = {
-            _check_language(language, where): _strings(
-                _field(value, "caption", f"{where}, {language!r}"), f"{where}, {language!r}"
+            layout_files.check_language(language, where): layout_files.strings(
+                layout_files.field(value, "caption", f"{where}, {language!r}"), f"{where}, {language!r}"
             )
             for language, value in line.items()
             if isinstance(value, dict)
@@ -306,9 +201,9 @@ def _xtd10_files(source_dir: str) -> tuple[str, dict[str, str]]:
 def _read_xtd10(source_dir: str, images_dir: str) -> Iterator[SourceRecord]:
     """One caption per image and language, aligned by line with test_image_names.txt; "test"."""
     list_path, files = _xtd10_files(source_dir)
-    names = _image_names(list_path)
+    names = layout_files.image_names(list_path)
     captions = {
-        _check_language(language, path): _aligned_lines(path, list_path, len(names))
+        layout_files.check_language(language, path): layout_files.aligned_lines(path, list_path, len(names))
         for language, path in sorted(files.items())
     }
     for index, name in enumerate(names):
@@ -378,15 +273,15 @@ def _read_multi30k(
     languages = sorted({language for _, raw in files.values() for language in raw})
     coco_images_dir = os.path.abspath(coco_images_dir) if coco_images_dir else images_dir
     for split, (list_path, raw) in files.items():
-        names = _image_names(list_path)
-        captions = {lang: _aligned_lines(path, list_path, len(names)) for lang, path in raw.items()}
+        names = layout_files.image_names(list_path)
+        captions = {lang: layout_files.aligned_lines(path, list_path, len(names)) for lang, path in raw.items()}
         for index, name in enumerate(names):
             image_path = _multi30k_image(name, images_dir, coco_images_dir)
             by_language = {
                 lang: [captions[lang][index]] if lang in raw else [] for lang in languages
             }
             yield SourceRecord(
-                _split_name(split, list_path), image_path, Path(name).stem, by_language
+                layout_files.split_name(split, list_path), image_path, Path(name).stem, by_language
             )
 
 
@@ -395,14 +290,14 @@ def _read_multi30k(
 
 def _jsonl_captions(line: dict[str, Any], language: str, where: str) -> dict[str, list[str]]:
     if "captions" in line:
-        by_language = _field(line, "captions", where, dict)
+        by_language = layout_files.field(line, "captions", where, dict)
         return {
-            _check_language(code, where): _strings(texts, f"{where}, captions[{code!r}]")
+            layout_files.check_language(code, where): layout_files.strings(texts, f"{where}, captions[{code!r}]")
             for code, texts in by_language.items()
         }
     if "caption" in line:
-        code = _check_language(line.get("language", language), where)
-        return {code: [_field(line, "caption", where, str)]}
+        code = layout_files.check_language(line.get("language", language), where)
+        return {code: [layout_files.field(line, "caption", where, str)]}
     raise UserError(f"{where}: no 'captions' ({{language: [captions]}}) or 'caption' field")
 
 
@@ -411,13 +306,13 @@ def _read_jsonl(source_dir: str, images_dir: str, language: str = "en") -> Itera
     {"en": [...], ...}, "split": "train"} or {"image": ..., "caption": "...", "language": "de"}.
     split defaults to "train", language to the option `language`. Lines naming the same image in
     the same split make one record, so a gallery holds each image once."""
-    _check_language(language, "option language")
-    path = _require_file(os.path.join(source_dir, "captions.jsonl"), "captions file")
+    layout_files.check_language(language, "option language")
+    path = layout_files.require_file(os.path.join(source_dir, "captions.jsonl"), "captions file")
     merged: dict[tuple[str, str], dict[str, list[str]]] = {}
-    for number, line in _json_lines(path):
+    for number, line in layout_files.json_lines(path):
         where = f"{path}, line {number}"
-        image = Path(os.path.normpath(_field(line, "image", where, str))).as_posix()
-        split = _split_name(line.get("split", "train"), where)
+        image = Path(os.path.normpath(layout_files.field(line, "image", where, str))).as_posix()
+        split = layout_files.split_name(line.get("split", "train"), where)
         captions = merged.setdefault((split, image), {})
         for code, texts in _jsonl_captions(line, language, where).items():
             captions.setdefault(code, []).extend(texts)

@@ -19,10 +19,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from vlretrieval import parallel, rerank, search
+from vlretrieval import parallel
 from vlretrieval.data.pipeline import normalize_images, padded_host_positions
 from vlretrieval.data.tokenizer import TextTokenizer
-from vlretrieval.metrics import (  # noqa: F401  (the public names callers import from here)
+from vlretrieval.evaluation import rerank, search
+from vlretrieval.evaluation.metrics import (  # noqa: F401  (the public names callers import from here)
     DEFAULT_METRICS,
     DIRECTIONS,
     average_over_languages,

@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlretrieval import search
 from vlretrieval.errors import UserError
+from vlretrieval.evaluation import search
 
 DIRECTIONS = ("text_to_image", "image_to_text")
 METRICS = ("recall", "rank", "mean_recall", "paired_recall", "map", "map_at_r", "hamming")

@@ -14,10 +14,11 @@ from collections.abc import Sequence
 import jax
 import ml_collections
 
-from vlretrieval import evaluate, index, parallel, search
+from vlretrieval import parallel
 from vlretrieval.data import pipeline
 from vlretrieval.errors import UserError
-from vlretrieval.train import restore_for_evaluation
+from vlretrieval.evaluation import evaluate, index, search
+from vlretrieval.evaluation.checkpoints import restore_for_evaluation
 
 
 def _item_id(record, position: int) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from vlretrieval.metrics import DIRECTIONS
+from vlretrieval.evaluation.metrics import DIRECTIONS
 
 ARROWS = {"text_to_image": "T→I", "image_to_text": "I→T"}
 

@@ -1,0 +1,107 @@
+"""Evaluating a run: restore its latest checkpoint for evaluation, evaluate it on
+`config.eval.split` (towers, joint or rerank; against a saved index or not), and the cheap
+evaluation the trainer runs every `train.eval_every` steps to rank checkpoints.
+
+The trainer calls this module; nothing here imports the trainer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+
+from vlretrieval import config as config_lib
+from vlretrieval import parallel
+from vlretrieval.checkpoint import Checkpointer, load_params
+from vlretrieval.data import datasets, pipeline
+from vlretrieval.evaluation import index as index_file
+from vlretrieval.evaluation import metrics, report
+from vlretrieval.evaluation.evaluate import evaluate_split, subset, write_results
+from vlretrieval.models import build_model
+from vlretrieval.state import create_train_state, make_optimizer
+
+
+def restore_for_evaluation(config: ml_collections.ConfigDict, workdir: str):
+    """(model, params, data, step) of the latest checkpoint in `workdir`, built from `config`.
+    Prints `config_lib.evaluated_config_note` where the config's data or model settings differ
+    from the checkpoint's."""
+    data = datasets.open_dataset(config.data, seed=config.seed)
+    model = build_model(config.model, data.tokenizer.vocab_size)
+    tx, _ = make_optimizer(config.optimizer, config.train.num_steps)
+    checkpointer = Checkpointer(workdir)
+    step, state = checkpointer.restore_latest(create_train_state(model, tx, config.seed))
+    note = config_lib.evaluated_config_note(checkpointer.saved_config(step), config, step)
+    checkpointer.close()
+    if note and jax.process_index() == 0:
+        print(note)
+    return model, state.params, data, step
+
+
+def evaluate_checkpoint(
+    config: ml_collections.ConfigDict, workdir: str, model=None, params=None, data=None
+) -> dict[str, Any]:
+    """Evaluate `params` (or the latest checkpoint in `workdir`) on `config.eval.split`."""
+    if model is None:
+        model, params, data, _ = restore_for_evaluation(config, workdir)
+    joint_params = None
+    if config.eval.joint_from and config.eval.mode != "towers":
+        joint_params = load_params(config.eval.joint_from, params)
+    mesh = parallel.make_mesh(config.train.num_devices or None)
+    split = subset(
+        pipeline.load_split(
+            data.split(config.eval.split), config.data.languages, config.model.image_size
+        ),
+        config.eval.max_images,
+    )
+    # A saved image index (`vlretrieval index`) stands in for embedding the images; the query
+    # encoder must give vectors of its dimension and normalisation.
+    saved_index = index_file.read_index(config.eval.index) if config.eval.index else None
+    results = evaluate_split(
+        model,
+        params,
+        split,
+        data.tokenizer,
+        mesh=mesh,
+        batch_size=config.eval.batch_size,
+        max_text_length=config.data.max_text_length,
+        recall_at=config.eval.recall_at,
+        mode=config.eval.mode,
+        shortlist_size=config.eval.shortlist,
+        pair_batch_size=config.eval.pair_batch_size,
+        joint_params=joint_params,
+        rerank_tower_weight=config.eval.rerank_tower_weight,
+        metrics=metrics.check_metrics(config.eval.metrics),
+        image_embeddings=None if saved_index is None else index_file.gallery_for_split(
+            saved_index, config.eval.index, len(split["images"])),
+        check_queries=None if saved_index is None else index_file.query_checker(saved_index, config.eval.index),
+        search_options=dict(query_chunk=config.eval.query_chunk, gallery_chunk=config.eval.gallery_chunk,
+                            score_dtype=config.eval.score_dtype),
+    )
+    results["split"] = config.eval.split
+    if saved_index is not None:
+        results["index"] = {"path": config.eval.index, "step": saved_index.step,
+                            "config_hash": saved_index.config_hash}
+    if jax.process_index() == 0:
+        # Towers results are the run's results.json; other modes do not overwrite them.
+        name = "results.json" if config.eval.mode == "towers" else f"results_{config.eval.mode}.json"
+        write_results(results, workdir, name)
+        if config.eval.report:
+            report.write_report(results, workdir, name[: -len(".json")])
+    return results
+
+
+def evaluate_during_training(config, model, params, data, mesh) -> dict[str, float]:
+    """Mean recall (average over languages) on `config.eval.split`, to rank checkpoints."""
+    split = subset(
+        pipeline.load_split(
+            data.split(config.eval.split), config.data.languages, config.model.image_size
+        ),
+        config.eval.max_images,
+    )
+    results = evaluate_split(
+        model, params, split, data.tokenizer, mesh=mesh, batch_size=config.eval.batch_size,
+        max_text_length=config.data.max_text_length, recall_at=config.eval.recall_at,
+    )
+    return {"mean_recall": results["average"]["mean_recall"]}
