@@ -11,10 +11,11 @@ import pytest
 
 from vlretrieval import parallel
 from vlretrieval.config import load_config
+from vlretrieval.evaluation.checkpoints import evaluate_checkpoint
 from vlretrieval.models import build_model
 from vlretrieval.objectives import make_objective
 from vlretrieval.state import create_train_state
-from vlretrieval.train import evaluate_checkpoint, make_train_step, train, train_and_evaluate
+from vlretrieval.train import make_train_step, train, train_and_evaluate
 
 
 def tiny_config(data_dir, *overrides):

@@ -20,9 +20,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
+from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers
 
-from vlretrieval.errors import UserError
+from vlretrieval.errors import UserError, first_line
 from vlretrieval.models import layout
 from vlretrieval.parallel import hosts
 
@@ -155,11 +156,11 @@ class Checkpointer:
         except (ValueError, KeyError) as error:
             raise UserError(
                 f"checkpoint {self.directory}/{step} does not match this model's parameters "
-                f"(a different config?) or is damaged: {_first_line(error)}"
+                f"(a different config?) or is damaged: {first_line(error)}"
             ) from None
         except Exception as error:  # orbax / tensorstore raise many types for damaged files
             raise UserError(
-                f"checkpoint {self.directory}/{step} cannot be read: {_first_line(error)}"
+                f"checkpoint {self.directory}/{step} cannot be read: {first_line(error)}"
             ) from None
         return restored.state
 
@@ -183,11 +184,6 @@ class Checkpointer:
         self.manager.close()
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
-
-
 def has_checkpoint(workdir: str) -> bool:
     """Whether `workdir` holds a finished checkpoint (looked up without creating anything)."""
     directory = os.path.join(workdir, "checkpoints")
@@ -208,10 +204,6 @@ def _checkpoint_location(path: str) -> tuple[str, int]:
     raise UserError(f"--init_from {path}: no checkpoint there (expected a workdir or checkpoints/<step>)")
 
 
-def _path_name(path) -> str:
-    return "/".join(str(getattr(key, "key", key)) for key in path)
-
-
 def load_params(path: str, params_template: Any) -> Any:
     """Parameters of another run's checkpoint, checked leaf by leaf against this model's.
 
@@ -223,19 +215,16 @@ def load_params(path: str, params_template: Any) -> Any:
     try:
         saved = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     except Exception as error:  # orbax raises many types for an unreadable checkpoint
-        raise UserError(f"--init_from {path}: cannot read checkpoint {step}: {str(error).splitlines()[0]}") from None
+        raise UserError(f"--init_from {path}: cannot read checkpoint {step}: {first_line(error)}") from None
     finally:
         manager.close()
     state = saved.state
     saved_params = state["params"] if isinstance(state, dict) else state.params
     # A run trained with the other stack layout (scan_layers) loads all the same.
     saved_params = layout.to_layout(saved_params, scanned=bool(layout.is_scanned(params_template)))
-    saved_leaves = dict(
-        (_path_name(p), leaf) for p, leaf in jax.tree_util.tree_leaves_with_path(saved_params)
-    )
-    template_leaves = jax.tree_util.tree_leaves_with_path(params_template)
-    for leaf_path, leaf in template_leaves:
-        name = _path_name(leaf_path)
+    saved_leaves = traverse_util.flatten_dict(saved_params, sep="/")
+    template_leaves = traverse_util.flatten_dict(params_template, sep="/")
+    for name, leaf in template_leaves.items():
         if name not in saved_leaves:
             raise UserError(f"--init_from {path}: parameter {name} of this model is not in the checkpoint")
         if tuple(saved_leaves[name].shape) != tuple(leaf.shape):
@@ -243,11 +232,9 @@ def load_params(path: str, params_template: Any) -> Any:
                 f"--init_from {path}: parameter {name} has shape {tuple(saved_leaves[name].shape)} "
                 f"in the checkpoint but {tuple(leaf.shape)} in this model"
             )
-    extra = sorted(set(saved_leaves) - {_path_name(p) for p, _ in template_leaves})
+    extra = sorted(set(saved_leaves) - set(template_leaves))
     if extra:
         raise UserError(f"--init_from {path}: checkpoint parameter {extra[0]} is not in this model")
-    treedef = jax.tree_util.tree_structure(params_template)
-    return jax.tree_util.tree_unflatten(
-        treedef,
-        [jnp.asarray(saved_leaves[_path_name(p)], leaf.dtype) for p, leaf in template_leaves],
+    return traverse_util.unflatten_dict(
+        {name: jnp.asarray(saved_leaves[name], leaf.dtype) for name, leaf in template_leaves.items()}, sep="/"
     )

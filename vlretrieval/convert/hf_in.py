@@ -12,10 +12,11 @@ import os
 from typing import Any
 
 import numpy as np
+from flax import traverse_util
 
 from vlretrieval.convert import architectures, positions
 from vlretrieval.convert.rules import hf_shape, to_ours
-from vlretrieval.errors import UserError
+from vlretrieval.errors import UserError, first_line
 from vlretrieval.models import layout
 
 SAFETENSORS, PYTORCH_BIN = "model.safetensors", "pytorch_model.bin"
@@ -91,8 +92,7 @@ def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
         # weights_only: tensors and plain containers only; a pickle that would run code is refused.
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError...
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"{path} was refused: not a plain tensor file ({first})") from None
+        raise UserError(f"{path} was refused: not a plain tensor file ({first_line(error)})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} is not a state dict of tensors")
     return {name: value.detach().float().numpy() for name, value in state.items()}
@@ -152,5 +152,4 @@ def expected_shapes(model: dict, vocab_size: int) -> dict[str, tuple[int, ...]]:
         lambda: module.init(jax.random.PRNGKey(0), *inputs, method=module.initialize)["params"]
     )
     shapes = layout.to_layout(shapes, scanned=False)  # the converters' layout, whatever the model's
-    return {"/".join(str(k.key) for k in path): tuple(leaf.shape)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(shapes)}
+    return {path: tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(shapes, sep="/").items()}

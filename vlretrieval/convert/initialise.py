@@ -77,13 +77,7 @@ def initial_params(spec: str, template: Any, model_config) -> Any:
         print(f"--init_from: {len(kept)} parameters keep their initialisation "
               f"({', '.join(kept[:4])}{', ...' if len(kept) > 4 else ''})")
     params = layout.to_layout(traverse_util.unflatten_dict(values, sep="/"), scanned=scanned)
-    # The template's own tree structure (and so its leaf order), with the values filled in.
-    flat = traverse_util.flatten_dict(params, sep="/")
-    leaves = jax.tree_util.tree_leaves_with_path(template)
-    names = ["/".join(str(getattr(k, "key", k)) for k in path) for path, _ in leaves]
-    return jax.tree_util.tree_unflatten(
-        jax.tree_util.tree_structure(template), [np.asarray(flat[name]) for name in names]
-    )
+    return jax.tree.map(np.asarray, params)
 
 
 def _read(source: str, model: dict) -> hf_in.Converted:

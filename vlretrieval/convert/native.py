@@ -21,8 +21,9 @@ import tempfile
 from typing import Any
 
 import numpy as np
+from flax import traverse_util
 
-from vlretrieval.errors import UserError
+from vlretrieval.errors import UserError, first_line
 from vlretrieval.models import layout
 
 TOKENIZER_FILES = (
@@ -64,23 +65,13 @@ def is_complete(converted) -> bool:
 
 
 def nest(flat: dict[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for name in parents:
-            node = node.setdefault(name, {})
-        node[leaf] = value
-    return tree
+    """{"a/b/c": x} -> {"a": {"b": {"c": x}}}."""
+    return traverse_util.unflatten_dict(flat, sep="/")
 
 
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat = {}
-    for key, value in tree.items():
-        flat.update(flatten(value, f"{prefix}/{key}" if prefix else str(key)))
-    return flat
+def flatten(tree: Any) -> dict[str, Any]:
+    """{"a": {"b": {"c": x}}} -> {"a/b/c": x}."""
+    return traverse_util.flatten_dict(tree, sep="/")
 
 
 def write_converted(converted, outdir: str, base_config, base_spec: str, source: str) -> list[str]:
@@ -203,8 +194,7 @@ def read_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
             state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()
         ))
     except Exception as error:  # orbax raises many types for an unreadable checkpoint
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"{path}: cannot read checkpoint {step}: {first}") from None
+        raise UserError(f"{path}: cannot read checkpoint {step}: {first_line(error)}") from None
     finally:
         manager.close()
     state = saved.state

@@ -16,7 +16,7 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
-from vlretrieval.errors import UserError
+from vlretrieval.errors import UserError, first_line
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4 in a trained tokenizer
 # Names of the same roles in the tokenizers people bring (BERT, XLM-R/RoBERTa, CLIP).
@@ -216,7 +216,7 @@ def load_tokenizer(path: str) -> TextTokenizer:
     try:
         tokenizer = tokenizers.Tokenizer.from_file(os.fspath(file))
     except Exception as error:  # tokenizers raises a bare Exception for malformed JSON
-        reason = (str(error).strip().splitlines() or ["unreadable"])[0]
+        reason = first_line(error, "unreadable")
         raise UserError(
             f"cannot parse tokenizer file {file} ({reason}): pass a Hugging Face tokenizer.json"
         ) from error
@@ -234,7 +234,7 @@ def _load_sentencepiece(file: Path) -> TextTokenizer:
         sys.modules.setdefault("sentencepiece_model_pb2", sentencepiece_model_pb2)
         tokenizer = tokenizers.SentencePieceUnigramTokenizer.from_spm(os.fspath(file))
     except Exception as error:  # protobuf / sentencepiece missing, or not a unigram model
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        reason = first_line(error)
         raise UserError(
             f"cannot read SentencePiece model {file} ({reason}): it must be a unigram model, "
             "and the sentencepiece and protobuf packages must be installed"

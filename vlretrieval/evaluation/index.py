@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from vlretrieval.errors import UserError
+from vlretrieval.errors import UserError, first_line
 
 FORMAT = "vlretrieval-index"
 VERSION = "1"
@@ -87,7 +87,7 @@ def read_index(path: str) -> Index:
             metadata = handle.metadata() or {}
         tensors = load_file(path)
     except Exception as error:  # safetensors raises several types for a file that is not one
-        raise UserError(f"--index {path}: not a readable safetensors file ({str(error).splitlines()[0]})") from None
+        raise UserError(f"--index {path}: not a readable safetensors file ({first_line(error)})") from None
     if metadata.get("format") != FORMAT or "embeddings" not in tensors:
         raise UserError(f"--index {path}: not a vlretrieval index (no '{FORMAT}' metadata); "
                         f"write one with `vlretrieval index`")

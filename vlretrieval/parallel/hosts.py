@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from vlretrieval.errors import UserError
+from vlretrieval.errors import UserError, first_line
 
 ENVIRONMENT = {
     "coordinator_address": "VLRETRIEVAL_COORDINATOR_ADDRESS",
@@ -131,7 +131,7 @@ def initialize(setup: HostSetup, environ: dict[str, str] | None = None) -> bool:
         raise UserError(
             f"cannot join the multi-host run at {where} "
             f"(process {setup.process_id} of {setup.num_processes}): "
-            f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}"
+            f"{first_line(error)}"
         ) from None
     return True
 
@@ -212,7 +212,7 @@ class PeerWatchdog:
                                    "(it died or its host became unreachable)")
             except Exception as error:  # the store is served by process 0: it is gone
                 self._lost(f"lost process 0 (the coordinator at {self.coordinator}): "
-                           f"{str(error).strip().splitlines()[0] if str(error).strip() else error!r}")
+                           f"{first_line(error, repr(error))}")
 
     def _try_get(self, key: str) -> str | None:
         try:
