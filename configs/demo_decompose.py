@@ -8,22 +8,15 @@ patches taken from another image of the batch, as extra contrastive columns.
 `--config configs/demo_decompose.py:no_negatives` is the same run without composed negatives.
 """
 
-import os
 
-from vlretrieval.config import load_config_file
-
-
-def _demo_config(arg):
-    """configs/demo.py's config (with the same argument), which this experiment modifies."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
-    return load_config_file(f"{path}:{arg}" if arg else path)
+from vlretrieval.config import load_sibling_config
 
 
 def get_config(arg=None):
     variant = arg or "negatives"
     if variant not in ("negatives", "no_negatives", "tiny"):
         raise ValueError(f"unknown argument {arg!r}; use negatives, no_negatives or tiny")
-    config = _demo_config("tiny" if variant == "tiny" else None)
+    config = load_sibling_config(__file__, "demo.py", "tiny" if variant == "tiny" else None)
     composed = variant != "no_negatives"
     config.objectives.contrastive = 1.0
     config.objectives.composed_text_negatives = composed

@@ -7,19 +7,12 @@ the shared weights and supplies the similarities the ITM negatives are drawn fro
 Then decompose: configs/demo_decompose.py.
 """
 
-import os
 
-from vlretrieval.config import load_config_file
-
-
-def _demo_config(arg):
-    """configs/demo.py's config (with the same argument), which this experiment modifies."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
-    return load_config_file(f"{path}:{arg}" if arg else path)
+from vlretrieval.config import load_sibling_config
 
 
 def get_config(arg=None):
-    config = _demo_config(arg)
+    config = load_sibling_config(__file__, "demo.py", arg)
     config.objectives.contrastive = 1.0
     config.objectives.image_text_matching = 1.0
     config.objectives.masked_language_model = 1.0

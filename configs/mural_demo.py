@@ -8,24 +8,17 @@ of all five languages.
   python benchmarks/mural_lowres.py   # both, side by side
 """
 
-import os
 
-from vlretrieval.config import load_config_file
+from vlretrieval.config import load_sibling_config
 
 VARIANTS = ("multitask", "baseline", "tiny", "tiny_baseline")
-
-
-def _demo_config(arg):
-    """configs/demo.py's config (with the same argument), which this experiment modifies."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
-    return load_config_file(f"{path}:{arg}" if arg else path)
 
 
 def get_config(arg=None):
     variant = arg or "multitask"
     if variant not in VARIANTS:
         raise ValueError(f"unknown argument {arg!r}; use one of {VARIANTS}")
-    config = _demo_config("tiny" if variant.startswith("tiny") else None)
+    config = load_sibling_config(__file__, "demo.py", "tiny" if variant.startswith("tiny") else None)
     config.data.languages = ("en", "de", "fr", "es", "it")  # it: evaluation captions only
     multitask = not variant.endswith("baseline")
     # A light translation task at a soft temperature of its own. The demo's captions come from a

@@ -298,7 +298,7 @@ def test_converted_folder_reads_back_and_initialises_a_run(hf_folders, tmp_path,
     model = build_model(config.model, VOCAB)
     tx, _ = make_optimizer(config.optimizer, config.train.num_steps)
     checkpointer = Checkpointer(str(outdir))
-    state = checkpointer.restore(jax.eval_shape(lambda: create_train_state(model, tx, config.seed)))
+    _, state = checkpointer.restore_latest(jax.eval_shape(lambda: create_train_state(model, tx, config.seed)))
     checkpointer.close()
     converted = hf_in.convert_folder(folder, base_model()).params
     restored = native.flatten(jax.device_get(state.params))
@@ -336,7 +336,7 @@ def test_clip_loads_into_a_scanned_model_matches_transformers_and_exports_back(
     assert layout.is_scanned(template.params)
     params = initial_params(f"hf:{folder}", template.params, config.model)
     checkpointer = Checkpointer(str(outdir))
-    restored = checkpointer.restore(template)  # the unrolled converted checkpoint, stacked
+    _, restored = checkpointer.restore_latest(template)  # the unrolled converted checkpoint, stacked
     checkpointer.close()
     for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(params)):
         np.testing.assert_array_equal(a, b)

@@ -105,13 +105,6 @@ class Checkpointer:
             return None
         return self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
 
-    def restore(self, state_template: Any, step: int | None = None) -> Any:
-        """The saved state at `step`, or at the latest readable step, shaped and sharded like the
-        template."""
-        if step is not None:
-            return self._restore_step(state_template, step)
-        return self.restore_latest(state_template)[1]
-
     def restore_latest(self, state_template: Any) -> tuple[int, Any]:
         """(step, state) of the latest checkpoint that can be read. A later one that cannot is
         set aside with a warning; if none can, the latest's error is raised."""
@@ -190,8 +183,9 @@ def has_checkpoint(workdir: str) -> bool:
     return os.path.isdir(directory) and any(entry.isdigit() for entry in os.listdir(directory))
 
 
-def _checkpoint_location(path: str) -> tuple[str, int]:
-    """(checkpoints directory, step) for a workdir, its checkpoints/ folder, or checkpoints/<step>."""
+def find_checkpoint(path: str) -> tuple[str, int]:
+    """(checkpoints directory, step) of a run folder (its latest step), its checkpoints/ folder,
+    or one checkpoints/<step>."""
     path = os.path.abspath(path)
     name = os.path.basename(path)
     if name.isdigit() and os.path.isdir(path):
@@ -201,7 +195,8 @@ def _checkpoint_location(path: str) -> tuple[str, int]:
             steps = [int(entry) for entry in os.listdir(directory) if entry.isdigit()]
             if steps:
                 return directory, max(steps)
-    raise UserError(f"--init_from {path}: no checkpoint there (expected a workdir or checkpoints/<step>)")
+    raise UserError(f"{path}: no vlretrieval checkpoint there (expected a run folder, its "
+                    "checkpoints/ or checkpoints/<step>)")
 
 
 def load_params(path: str, params_template: Any) -> Any:
@@ -210,7 +205,10 @@ def load_params(path: str, params_template: Any) -> Any:
     The first parameter that is missing, extra or of another shape is named with both shapes:
     a checkpoint of another architecture must fail loudly, not load half-way.
     """
-    directory, step = _checkpoint_location(path)
+    try:
+        directory, step = find_checkpoint(path)
+    except UserError as error:
+        raise UserError(f"--init_from {error}") from None
     manager = ocp.CheckpointManager(directory)
     try:
         saved = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))

@@ -37,6 +37,13 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     return config
 
 
+def load_sibling_config(config_file: str, name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """The config of the file `name` beside `config_file` (e.g. an experiment's base,
+    configs/demo.py), called with `arg`: what an experiment that modifies another starts from."""
+    path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name)
+    return load_config_file(f"{path}:{arg}" if arg else path)
+
+
 def _all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
     keys = []
     for key, value in config.items():

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
+from vlretrieval.checkpoint import find_checkpoint
 from vlretrieval.errors import UserError, first_line
 from vlretrieval.models import layout
 
@@ -163,23 +164,9 @@ def _save(directory: str, state: Any, config) -> None:
     checkpointer.close()
 
 
-def checkpoint_location(path: str) -> tuple[str, int]:
-    """(checkpoints directory, step) for a run folder, its checkpoints/, or checkpoints/<step>."""
-    path = os.path.abspath(path)
-    if os.path.basename(path).isdigit() and os.path.isdir(path):
-        return os.path.dirname(path), int(os.path.basename(path))
-    for directory in (os.path.join(path, "checkpoints"), path):
-        if os.path.isdir(directory):
-            steps = [int(entry) for entry in os.listdir(directory) if entry.isdigit()]
-            if steps:
-                return directory, max(steps)
-    raise UserError(f"{path}: no vlretrieval checkpoint there (expected a run folder or "
-                    "checkpoints/<step>)")
-
-
 def run_folder(path: str) -> str:
     """The run folder (where conversion.json would be) of a checkpoint path."""
-    directory, _ = checkpoint_location(path)
+    directory, _ = find_checkpoint(path)
     return os.path.dirname(directory) if os.path.basename(directory) == "checkpoints" else directory
 
 
@@ -187,7 +174,7 @@ def read_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """(flat parameters, experiment config dict) of any vlretrieval checkpoint."""
     import orbax.checkpoint as ocp
 
-    directory, step = checkpoint_location(path)
+    directory, step = find_checkpoint(path)
     manager = ocp.CheckpointManager(directory)
     try:
         saved = manager.restore(step, args=ocp.args.Composite(

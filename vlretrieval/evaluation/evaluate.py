@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from vlretrieval import parallel
 from vlretrieval.data.pipeline import normalize_images, padded_host_positions
 from vlretrieval.data.tokenizer import TextTokenizer
-from vlretrieval.evaluation import rerank, search
+from vlretrieval.evaluation import rerank
 from vlretrieval.evaluation.metrics import (  # noqa: F401  (the public names callers import from here)
     DEFAULT_METRICS,
     DIRECTIONS,
@@ -68,18 +68,6 @@ def embed_in_batches(
     result = np.zeros((count, *embeddings.shape[1:]), embeddings.dtype)
     result[np.asarray(gathered["index"])[valid]] = embeddings[valid]
     return result
-
-
-def retrieval_ranks(
-    queries: np.ndarray,
-    query_owners: np.ndarray,
-    gallery: np.ndarray,
-    gallery_owners: np.ndarray,
-    query_chunk: int = 1024,
-    **search_options,
-) -> np.ndarray:
-    """0-based rank of each query's best positive among the gallery (`search.ranks`)."""
-    return search.ranks(queries, query_owners, gallery, gallery_owners, query_chunk=query_chunk, **search_options)
 
 
 MODES = ("towers", "joint", "rerank")
