@@ -33,7 +33,7 @@ def test_round_trip_keeps_embeddings_ids_and_provenance(tmp_path):
     np.testing.assert_array_equal(saved.embeddings, embeddings)
     assert saved.item_ids == ids and saved.step == 42 and saved.config_hash == "abc123"
     assert saved.normalized and saved.dim == 8 and saved.modality == "image"
-    assert not os.path.exists(path + ".tmp")
+    assert os.listdir(tmp_path) == ["gallery.safetensors"]  # no temporary file left beside it
 
 
 def test_incompatible_encoders_and_files_are_refused_in_one_line(tmp_path):

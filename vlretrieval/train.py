@@ -26,6 +26,7 @@ from vlretrieval.data.builders.image_captions import summary
 from vlretrieval.errors import UserError
 from vlretrieval.evaluation import checkpoints
 from vlretrieval.evaluation.evaluate import format_table
+from vlretrieval.files import replaced_atomically
 from vlretrieval.models import build_model
 from vlretrieval.models.factory import parameter_count
 from vlretrieval.negatives import TextNegativeComposer
@@ -124,9 +125,8 @@ class MetricsWriter:
                     continue
                 if record.get("step", 0) <= step:
                     kept.append(json.dumps(record) + "\n")
-        with open(self.path + ".tmp", "w") as handle:
+        with replaced_atomically(self.path) as temporary, open(temporary, "w") as handle:
             handle.writelines(kept)
-        os.replace(self.path + ".tmp", self.path)
 
 
 def _check_finite(metrics: dict[str, float], step: int) -> None:

@@ -17,6 +17,7 @@ import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 from vlretrieval.errors import UserError, first_line
+from vlretrieval.files import replaced_atomically
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4 in a trained tokenizer
 # Names of the same roles in the tokenizers people bring (BERT, XLM-R/RoBERTa, CLIP).
@@ -157,9 +158,8 @@ class TextTokenizer:
 
     def save(self, path: str) -> None:
         """Writes tokenizer.json to `path` atomically, so a reader never sees half a file."""
-        temporary = f"{path}.tmp-{os.getpid()}"
-        self._tokenizer.save(temporary)
-        os.replace(temporary, path)
+        with replaced_atomically(path) as temporary:
+            self._tokenizer.save(temporary)
 
     def _configured(self, max_length: int) -> tokenizers.Tokenizer:
         configured = self._by_length.get(max_length)

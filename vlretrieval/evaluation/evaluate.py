@@ -31,6 +31,7 @@ from vlretrieval.evaluation.metrics import (  # noqa: F401  (the public names ca
     metrics_from_ranks,
     recall_metrics,
 )
+from vlretrieval.files import replaced_atomically
 
 
 def host_batches(count: int, local_batch_size: int, process_index: int, process_count: int):
@@ -223,8 +224,6 @@ def format_table(results: dict[str, Any], recall_at: Sequence[int] = (1, 5, 10))
 
 def write_results(results: dict[str, Any], workdir: str, name: str = "results.json") -> str:
     path = os.path.join(workdir, name)
-    temporary = path + ".tmp"
-    with open(temporary, "w") as handle:
+    with replaced_atomically(path) as temporary, open(temporary, "w") as handle:
         json.dump(results, handle, indent=2)
-    os.replace(temporary, path)  # never leave a half-written results file
     return path

@@ -19,6 +19,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from vlretrieval.errors import UserError, first_line
+from vlretrieval.files import replaced_atomically
 
 FORMAT = "vlretrieval-index"
 VERSION = "1"
@@ -72,9 +73,8 @@ def write_index(
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise UserError(f"cannot write the index {path}: directory {directory} does not exist")
-    temporary = path + ".tmp"
-    save_file(tensors, temporary, metadata=metadata)
-    os.replace(temporary, path)
+    with replaced_atomically(path) as temporary:
+        save_file(tensors, temporary, metadata=metadata)
 
 
 def read_index(path: str) -> Index:

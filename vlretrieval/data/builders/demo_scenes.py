@@ -20,6 +20,7 @@ import tensorflow_datasets as tfds
 
 from vlretrieval.data import tokenizer as tokenizer_lib
 from vlretrieval.data.builders import building, captions, scenes, translation_pairs
+from vlretrieval.files import replaced_atomically
 from vlretrieval.data.builders.building import load_prepared_dataset  # noqa: F401 (API)
 
 # Re-exported: the demo set's vocabulary, languages and scene identity are part of its API.
@@ -102,11 +103,10 @@ def write_demo_translations(directory: str, seed: int, pairs_per_language: int) 
     for index, target in enumerate(language for language in LANGUAGES if language != "en"):
         rng = np.random.default_rng([seed, len(SPLITS), index])
         path = os.path.join(directory, f"en-{target}.tsv")
-        with open(path + ".partial", "w", encoding="utf-8") as handle:
+        with replaced_atomically(path) as temporary, open(temporary, "w", encoding="utf-8") as handle:
             for scene in scenes.sample_scenes(rng, pairs_per_language):
                 source_text, target_text = captions.translation_pair(scene, rng, "en", target)
                 handle.write(f"{source_text}\t{target_text}\n")
-        os.replace(path + ".partial", path)  # never a half-written file under the final name
         paths.append(path)
     return paths
 
