@@ -23,6 +23,13 @@ from vlretrieval.models import build_model
 from vlretrieval.state import create_train_state, make_optimizer
 
 
+def evaluation_split(config: ml_collections.ConfigDict, data) -> dict[str, Any]:
+    """`config.eval.split` loaded in the evaluated languages (its first `eval.max_images`)."""
+    source = data.split(config.eval.split)
+    return subset(pipeline.load_split(source, config.data.languages, config.model.image_size),
+                  config.eval.max_images)
+
+
 def restore_for_evaluation(config: ml_collections.ConfigDict, workdir: str):
     """(model, params, data, step) of the latest checkpoint in `workdir`, built from `config`.
     Prints `config_lib.evaluated_config_note` where the config's data or model settings differ
@@ -49,12 +56,7 @@ def evaluate_checkpoint(
     if config.eval.joint_from and config.eval.mode != "towers":
         joint_params = load_params(config.eval.joint_from, params)
     mesh = parallel.make_mesh(config.train.num_devices or None)
-    split = subset(
-        pipeline.load_split(
-            data.split(config.eval.split), config.data.languages, config.model.image_size
-        ),
-        config.eval.max_images,
-    )
+    split = evaluation_split(config, data)
     # A saved image index (`vlretrieval index`) stands in for embedding the images; the query
     # encoder must give vectors of its dimension and normalisation.
     saved_index = index_file.read_index(config.eval.index) if config.eval.index else None
@@ -94,12 +96,7 @@ def evaluate_checkpoint(
 
 def evaluate_during_training(config, model, params, data, mesh) -> dict[str, float]:
     """Mean recall (average over languages) on `config.eval.split`, to rank checkpoints."""
-    split = subset(
-        pipeline.load_split(
-            data.split(config.eval.split), config.data.languages, config.model.image_size
-        ),
-        config.eval.max_images,
-    )
+    split = evaluation_split(config, data)
     results = evaluate_split(
         model, params, split, data.tokenizer, mesh=mesh, batch_size=config.eval.batch_size,
         max_text_length=config.data.max_text_length, recall_at=config.eval.recall_at,

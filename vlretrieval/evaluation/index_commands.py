@@ -18,7 +18,7 @@ from vlretrieval import parallel
 from vlretrieval.data import pipeline
 from vlretrieval.errors import UserError
 from vlretrieval.evaluation import evaluate, index, search
-from vlretrieval.evaluation.checkpoints import restore_for_evaluation
+from vlretrieval.evaluation.checkpoints import evaluation_split, restore_for_evaluation
 
 
 def _item_id(record, position: int) -> str:
@@ -30,9 +30,7 @@ def build_index(config: ml_collections.ConfigDict, workdir: str, output: str) ->
     """Embed the evaluation split's images and write them as an index at `output`."""
     model, params, data, step = restore_for_evaluation(config, workdir)
     source = data.split(config.eval.split)
-    split = evaluate.subset(
-        pipeline.load_split(source, config.data.languages, config.model.image_size), config.eval.max_images
-    )
+    split = evaluation_split(config, data)
     count = len(split["images"])
     mesh = parallel.make_mesh(config.train.num_devices or None)
     params = parallel.replicate(params, mesh)

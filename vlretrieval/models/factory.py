@@ -35,8 +35,8 @@ def _optional_section(cls, config: ml_collections.ConfigDict, name: str):
 
 
 # Model-wide numerics and layout, set on every encoder; configs written before they existed get
-# these defaults.
-MODEL_WIDE = {"dtype": "float32", "attention": "auto", "scan_layers": False}
+# TransformerConfig's defaults.
+MODEL_WIDE = {key: getattr(TransformerConfig(), key) for key in ("dtype", "attention", "scan_layers")}
 
 
 def _model_wide(config: ml_collections.ConfigDict) -> dict:
