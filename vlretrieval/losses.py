@@ -177,7 +177,7 @@ def sigmoid_loss(
     """SigLIP: independent binary decisions for every (image, text) pair, normalised per image.
 
     Written as the paper states it (labels +1 on the diagonal, -1 elsewhere): the reference the
-    blocked form below (`sigmoid_block_loss`, used by the rings) is tested against."""
+    rings' blocked form (`parallel/ring.py`) is tested against."""
     logits = logit_scale * image_embeddings @ text_embeddings.T + logit_bias
     labels = 2.0 * jnp.eye(*logits.shape, dtype=logits.dtype) - 1.0
     return -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / image_embeddings.shape[0]
@@ -198,96 +198,3 @@ def masked_language_model_loss(
     per_token = optax.softmax_cross_entropy_with_integer_labels(mlm_logits, target_ids)
     accuracy = ((jnp.argmax(mlm_logits, axis=-1) == target_ids) * weights).sum() / count
     return (per_token * weights).sum() / count, accuracy
-
-
-# Block math for the rings in `parallel/cross_device.py`: a device's b query rows against one b-row block of
-# keys at a time, with hand-written gradients so that no block outlives its ring step. Key sets are
-# tuples of (keys [b, d], valid [b] float 0/1); set 0 holds the positives (the home block diagonal).
-
-
-def _block_logits(queries, keys, valid, logit_scale):
-    similarity = queries @ keys.T
-    return similarity, jnp.where(valid[None, :] > 0, logit_scale * similarity, ABSENT_NEGATIVE)
-
-
-def _home_margin(logits, logit_scale, home, positive_margin):
-    """Lowers the positives (the home block's diagonal) by scale * margin."""
-    diagonal = jnp.logical_and(home, jnp.eye(*logits.shape, dtype=bool))
-    return logits - jnp.where(diagonal, logit_scale * positive_margin, 0.0)
-
-
-def softmax_block_forward(queries, key_sets, logit_scale, home, positive_margin=0.0):
-    """(logsumexp [b], best negative logit [b]) of the rows over one block of every key set."""
-    partial_sums, best = [], jnp.full(queries.shape[0], -jnp.inf, queries.dtype)
-    for index, (keys, valid) in enumerate(key_sets):
-        _, logits = _block_logits(queries, keys, valid, logit_scale)
-        if index == 0:
-            logits = _home_margin(logits, logit_scale, home, positive_margin)
-        partial_sums.append(jax.nn.logsumexp(logits, axis=1))
-        negatives = jnp.where(valid[None, :] > 0, logits, -jnp.inf)
-        if index == 0:  # in the home block the diagonal is each row's positive
-            diagonal = jnp.logical_and(home, jnp.eye(*logits.shape, dtype=bool))
-            negatives = jnp.where(diagonal, -jnp.inf, negatives)
-        best = jnp.maximum(best, negatives.max(axis=1))
-    return jax.nn.logsumexp(jnp.stack(partial_sums), axis=0), best
-
-
-def softmax_block_backward(
-    queries, key_sets, logit_scale, logsumexp, coefficient, home, positive_margin=0.0
-):
-    """Gradients of coefficient * sum(logsumexp) through one block: (d queries, d key sets, d scale).
-
-    d logsumexp / d logit is the softmax probability exp(logit - logsumexp); a logit is
-    scale * (similarity - margin on the positives), so d logit / d scale is what is in brackets.
-    """
-    query_grad, scale_grad, key_grads = jnp.zeros_like(queries), 0.0, []
-    for index, (keys, valid) in enumerate(key_sets):
-        similarity, logits = _block_logits(queries, keys, valid, logit_scale)
-        if index == 0:
-            logits = _home_margin(logits, logit_scale, home, positive_margin)
-            similarity = _home_margin(similarity, 1.0, home, positive_margin)
-        logit_grad = coefficient * jnp.exp(logits - logsumexp[:, None]) * (valid[None, :] > 0)
-        query_grad += logit_scale * logit_grad @ keys
-        key_grads.append((logit_scale * logit_grad.T @ queries, jnp.zeros_like(valid)))
-        scale_grad += jnp.einsum("ij,ij->", logit_grad, similarity)
-    return query_grad, tuple(key_grads), scale_grad
-
-
-def sigmoid_block_loss(
-    image_embeddings: jax.Array,
-    text_embeddings: jax.Array,
-    logit_scale: jax.Array,
-    logit_bias: jax.Array,
-    diagonal_is_positive,
-) -> jax.Array:
-    """Sum of SigLIP's pairwise losses -log sigmoid(z * logit) over a block, z = +1 for the
-    diagonal's pairs when `diagonal_is_positive` (a bool, possibly traced: the block pairs each
-    image with its own text), -1 elsewhere.
-
-    Every pair is first counted as a negative, -log sigmoid(-l) = softplus(l); a positive pair's
-    loss is softplus(l) - l, so the diagonal's logits (a row-wise product, [b]) are subtracted.
-    No [b, b] label mask: a ring's loop would hoist it and hold it for the whole walk. The scale
-    multiplies the similarities, not the images, for the same reason (no scaled copy to hoist).
-    """
-    logits = logit_scale * (image_embeddings @ text_embeddings.T) + logit_bias
-    diagonal = logit_scale * jnp.sum(image_embeddings * text_embeddings, axis=1) + logit_bias
-    return jnp.sum(jax.nn.softplus(logits)) - jnp.where(diagonal_is_positive, jnp.sum(diagonal), 0.0)
-
-
-def sigmoid_block_backward(images, texts, logit_scale, logit_bias, coefficient, diagonal_is_positive):
-    """Gradients of coefficient * sigmoid_block_loss: (d images, d texts, d scale, d bias).
-
-    d softplus(l) / dl = sigmoid(l); the diagonal's -l adds -1. Written for one [b, b]
-    temporary: the similarities are not kept for the scale's gradient, which is
-    sum_ij g_ij (x_i . y_j) = sum_i x_i . (g y)_i, read off the image side's product (XLA then
-    computes the gradient block in place of the similarities).
-    """
-    logits = logit_scale * (images @ texts.T) + logit_bias
-    scaled_grad = (coefficient * logit_scale) * jax.nn.sigmoid(logits)  # d loss / d similarity
-    positive = jnp.where(diagonal_is_positive, coefficient * logit_scale, 0.0)
-    image_grad = scaled_grad @ texts - positive * texts
-    scale_grad = jnp.sum(images * image_grad) / logit_scale
-    bias_grad = jnp.sum(scaled_grad) / logit_scale - jnp.where(
-        diagonal_is_positive, coefficient * images.shape[0], 0.0
-    )
-    return image_grad, scaled_grad.T @ images - positive * images, scale_grad, bias_grad

@@ -1,7 +1,8 @@
 """Devices, meshes and shardings: the only package that names a mesh axis.
 
-`mesh.py`: the mesh, batch and parameter shardings, micro-batch layout. `cross_device.py`: the
-losses that need every device's embeddings as negatives (rings of `ppermute`s, gathers).
+`mesh.py`: the mesh, batch and parameter shardings, micro-batch layout. `ring.py`: the softmax and
+sigmoid losses as rings of `ppermute`s with their block math. `cross_device.py`: the tower losses
+over a sharded batch (the rings, and gathered columns for the hard-negative terms).
 `hosts.py`: multi-host start-up and cross-host collectives.
 """
 
