@@ -128,7 +128,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The chip's dense peak TFLOP/s for MFU in the logs (0: looked up for known GPUs and TPUs).
     config.train.peak_tflops = 0.0
 
-    # Each term's weight (0 = off); see vlretrieval/objectives.py.
+    # Each term's weight (0 = off) and its settings; the terms: vlretrieval/objectives/terms.py.
     config.objectives = ml_collections.ConfigDict(
         dict(
             contrastive=1.0,

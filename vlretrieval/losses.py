@@ -8,6 +8,8 @@ how a device scores its local rows against the gathered global columns. Composed
 
 from __future__ import annotations
 
+import typing
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -118,8 +120,34 @@ def _both_directions(rows_loss, images, texts, extra_text_negatives, extra_image
     return (image_to_text + text_to_image) / (2 * images.shape[0])
 
 
-# The full-batch losses: every device's embeddings in one array. `parallel.CrossDeviceLosses` has
-# the same methods over a batch sharded across devices, and must give the same values and gradients.
+@typing.runtime_checkable
+class TowerLosses(typing.Protocol):
+    """The tower losses an objective term may call, whatever the batch's layout.
+
+    Two implementations: this module (the whole batch in one array; the functions below) and
+    `parallel.CrossDeviceLosses` (the batch sharded over devices, negatives from all of them). They
+    must give the same values and gradients (tests/test_parallel_losses.py).
+    """
+
+    def softmax_contrastive_loss(
+        self, image_embeddings, text_embeddings, logit_scale, extra_text_negatives=None,
+        extra_image_negatives=None, extra_text_valid=None, positive_margin=0.0,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]: ...
+
+    def reweighted_contrastive_loss(
+        self, image_embeddings, text_embeddings, logit_scale, beta, extra_text_negatives=None,
+        extra_image_negatives=None, extra_text_valid=None,
+    ) -> jax.Array: ...
+
+    def hardest_negative_hinge_loss(
+        self, image_embeddings, text_embeddings, margin, extra_text_negatives=None,
+        extra_image_negatives=None, extra_text_valid=None, top_k=1,
+    ) -> jax.Array: ...
+
+    def sigmoid_loss(self, image_embeddings, text_embeddings, logit_scale, logit_bias) -> jax.Array: ...
+
+
+# The full-batch `TowerLosses`: every device's embeddings in one array.
 
 
 def softmax_contrastive_loss(

@@ -21,7 +21,7 @@ def _valid(keys: jax.Array, valid: jax.Array | None = None) -> jax.Array:
 
 
 class CrossDeviceLosses:
-    """The tower losses of `losses.py`, same names and signatures, over a batch sharded on `data`.
+    """`losses.TowerLosses` over a batch sharded on `data`: the same values as `losses.py`'s.
 
     Negatives are the whole global batch: softmax and sigmoid walk the ring (memory O(b x b) per
     device); the hard-negative terms gather every device's embeddings (and composed negatives) as
@@ -32,7 +32,7 @@ class CrossDeviceLosses:
     def __init__(self, mesh: Mesh):
         self.mesh = mesh
         self._softmax_direction = ring_softmax_direction(mesh)
-        self.sigmoid_loss = ring_sigmoid(mesh)
+        self._sigmoid = ring_sigmoid(mesh)
 
     def softmax_contrastive_loss(
         self, image_embeddings, text_embeddings, logit_scale,
@@ -54,6 +54,9 @@ class CrossDeviceLosses:
         )
         metrics = {"image_to_text_accuracy": image_accuracy, "text_to_image_accuracy": text_accuracy}
         return (image_to_text + text_to_image) / 2, metrics
+
+    def sigmoid_loss(self, image_embeddings, text_embeddings, logit_scale, logit_bias):
+        return self._sigmoid(image_embeddings, text_embeddings, logit_scale, logit_bias)
 
     def _gathered_both_directions(self, rows_loss, embeddings, hyperparameters, **options):
         """Mean over the global batch of `rows_loss` both ways, local rows x gathered columns."""
