@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from runs import train_and_read_results
 
 from vlretrieval.data.builders.captions import LOW_RESOURCE_LANGUAGE
-from vlretrieval.evaluation.evaluate import format_table
+from vlretrieval.evaluation.report import format_table
 
 RUNS = (("baseline", "configs/mural_demo.py:baseline"), ("multitask", "configs/mural_demo.py"))
 

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from vlretrieval.evaluation.evaluate import average_over_languages, bidirectional_metrics, format_table
+from vlretrieval.evaluation.evaluate import average_over_languages, bidirectional_metrics
+from vlretrieval.evaluation.report import format_table
 from vlretrieval.evaluation.search import ranks as retrieval_ranks
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from vlretrieval.errors import UserError
 from vlretrieval.evaluation import metrics
-from vlretrieval.evaluation.evaluate import format_table
+from vlretrieval.evaluation.report import format_table
 
 
 def unit(vectors):

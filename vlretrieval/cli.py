@@ -168,7 +168,7 @@ def run(argv: list[str]) -> int:
 
     from vlretrieval import train
     from vlretrieval.evaluation import checkpoints
-    from vlretrieval.evaluation.evaluate import format_table
+    from vlretrieval.evaluation.report import format_table
 
     progress = not args.no_progress and jax.process_index() == 0
     if args.command in ("train", "demo"):

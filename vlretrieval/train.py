@@ -25,7 +25,7 @@ from vlretrieval.data import datasets, pipeline
 from vlretrieval.data.builders.image_captions import summary
 from vlretrieval.errors import UserError
 from vlretrieval.evaluation import checkpoints
-from vlretrieval.evaluation.evaluate import format_table
+from vlretrieval.evaluation.report import format_table
 from vlretrieval.files import replaced_atomically
 from vlretrieval.models import build_model
 from vlretrieval.models.factory import parameter_count

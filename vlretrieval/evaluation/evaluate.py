@@ -190,38 +190,6 @@ def evaluate_split(
     return results
 
 
-def format_table(results: dict[str, Any], recall_at: Sequence[int] = (1, 5, 10)) -> str:
-    """A fixed-width table: one row per language plus the average (the columns that exist)."""
-    average = results["average"]
-    columns = [
-        (f"{short} R@{k}", direction, f"R@{k}")
-        for short, direction in (("T->I", "text_to_image"), ("I->T", "image_to_text"))
-        for k in recall_at
-        if f"R@{k}" in average.get(direction, {})
-    ]
-    columns += [
-        (f"{short} {name}", direction, name)
-        for short, direction in (("T->I", "text_to_image"), ("I->T", "image_to_text"))
-        for name in ("mAP", "mAP@R")
-        if name in average.get(direction, {})
-    ]
-    header = ["language"] + [title for title, _, _ in columns]
-    with_mean = "mean_recall" in average
-    if with_mean:
-        header.append("mean recall")
-    rows = [header]
-    entries = list(results["languages"].items()) + [("average", average)]
-    for name, metrics in entries:
-        row = [name] + [f"{metrics[direction][key]:.1f}" for _, direction, key in columns]
-        if with_mean:
-            row.append(f"{metrics['mean_recall']:.1f}")
-        rows.append(row)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def write_results(results: dict[str, Any], workdir: str, name: str = "results.json") -> str:
     path = os.path.join(workdir, name)
     with replaced_atomically(path) as temporary, open(temporary, "w") as handle:

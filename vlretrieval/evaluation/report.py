@@ -1,7 +1,8 @@
 """A results report beside results.json: a Markdown table and PNG plots (matplotlib, Agg backend).
 
 - `results.md`: one row per language and the average, a column per metric found in the results
-  (values as in results.json, one decimal);
+  (values as in results.json, one decimal); `format_table` is the same table's main metrics for
+  the terminal;
 - `recall_at_k.png`: R@K against K, one panel per direction, a line per language;
 - `languages.png`: per-language bars of R@1 both ways and mean recall (when there are languages).
 """
@@ -9,25 +10,34 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from vlretrieval.evaluation.metrics import DIRECTIONS
 
 ARROWS = {"text_to_image": "T→I", "image_to_text": "I→T"}
+ASCII_ARROWS = {"text_to_image": "T->I", "image_to_text": "I->T"}  # for terminals
+# (results section, column title prefix): the main metrics, paired-caption and Hamming ones.
+SECTIONS = ((None, ""), ("paired", "paired "), ("hamming", "Hamming "))
 
 
-def table_columns(results: dict[str, Any]) -> list[tuple[str, tuple[str, ...]]]:
-    """(title, key path) for every number of the average entry, in a stable order."""
+def table_columns(
+    results: dict[str, Any], recall_at: Sequence[int] | None = None, sections=SECTIONS, arrows=ARROWS
+) -> list[tuple[str, tuple[str, ...]]]:
+    """(title, key path) for every number of the average entry, in a stable order; R@K only for
+    the Ks in `recall_at` when given."""
     average = results["average"]
     columns = []
-    for section, prefix in ((None, ""), ("paired", "paired "), ("hamming", "Hamming ")):
+    for section, prefix in sections:
         entry = average if section is None else average.get(section)
         if not entry:
             continue
         base = () if section is None else (section,)
         for direction in DIRECTIONS:
             for key in entry.get(direction, {}):
-                columns.append((f"{prefix}{ARROWS[direction]} {key}", base + (direction, key)))
+                if recall_at is not None and key.startswith("R@") and int(key[2:]) not in recall_at:
+                    continue
+                columns.append((f"{prefix}{arrows[direction]} {key}", base + (direction, key)))
         if "mean_recall" in entry:
             columns.append((f"{prefix}mean recall", base + ("mean_recall",)))
     return columns
@@ -39,16 +49,30 @@ def lookup(entry: dict[str, Any], path: tuple[str, ...]) -> float:
     return float(entry)
 
 
-def markdown_table(results: dict[str, Any]) -> str:
-    columns = table_columns(results)
-    lines = [
-        "| language | " + " | ".join(title for title, _ in columns) + " |",
-        "|---|" + "---|" * len(columns),
-    ]
+def _table_cells(results: dict[str, Any], columns) -> list[list[str]]:
+    """The header and one row per language plus the average, values to one decimal."""
     entries = list(results["languages"].items()) + [("average", results["average"])]
-    for name, entry in entries:
-        lines.append(f"| {name} | " + " | ".join(f"{lookup(entry, path):.1f}" for _, path in columns) + " |")
+    rows = [["language"] + [title for title, _ in columns]]
+    rows += [[name] + [f"{lookup(entry, path):.1f}" for _, path in columns] for name, entry in entries]
+    return rows
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """Every metric of the results (`results.md`)."""
+    header, *rows = _table_cells(results, table_columns(results))
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---|" * (len(header) - 1)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def format_table(results: dict[str, Any], recall_at: Sequence[int] | None = (1, 5, 10)) -> str:
+    """The main metrics as a fixed-width table for the terminal (R@K at `recall_at`)."""
+    columns = table_columns(results, recall_at, sections=SECTIONS[:1], arrows=ASCII_ARROWS)
+    rows = _table_cells(results, columns)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 def _recall_points(entry: dict[str, Any]) -> tuple[list[int], list[float]]:
