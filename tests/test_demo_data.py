@@ -160,10 +160,10 @@ def test_description_identifies_objects_and_order():
             assert [o.x for o in scene.objects] == sorted(o.x for o in scene.objects)
 
 
-def test_prepare_prints_one_line_then_reuses(tmp_path, capsys):
+def test_prepare_prints_its_start_and_end_then_reuses(tmp_path, capsys):
     builder = demo_scenes.prepare_demo_data(str(tmp_path), TINY)
     printed = capsys.readouterr().out.strip().splitlines()
-    assert len(printed) == 1 and "Generating" in printed[0] and "done in" in printed[0]
+    assert len(printed) == 2 and "Generating" in printed[0] and "done in" in printed[1]
     directory = demo_scenes.dataset_dir(builder)
     assert os.path.isfile(os.path.join(directory, "dataset_info.json"))
     assert os.path.isfile(demo_scenes.demo_tokenizer_path(builder))

@@ -113,7 +113,9 @@ def test_two_processes_follow_the_one_process_trajectory(data_dir, tmp_path):
         cwd=ROOT, env=environment(1), capture_output=True, text=True, timeout=600,
     )
     assert launcher.returncode == 0, launcher.stdout + launcher.stderr
-    assert "[0] " in launcher.stdout and "[1] " in launcher.stdout  # both processes ran
+    # Process 0 prints the run's lines; process 1 (which took part: the losses below need both
+    # halves of the batch) prints only warnings and errors.
+    assert "[0] model: decomposed" in launcher.stdout and "[1] model:" not in launcher.stdout
 
     def losses(workdir):
         with open(os.path.join(workdir, "metrics.jsonl")) as handle:
@@ -167,7 +169,7 @@ def test_sigterm_saves_a_checkpoint_at_the_step_it_arrived(data_dir, tmp_path):
     process.send_signal(signal.SIGTERM)
     output = finish(process)
     assert process.returncode == 128 + signal.SIGTERM, output
-    line = next(line for line in output.splitlines() if line.startswith("pre-empted"))
+    line = next(line for line in output.splitlines() if "warning: pre-empted (SIGTERM)" in line)
     step = int(line.split("at step ")[1].split(":")[0])
     assert step >= 3
     manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
@@ -194,7 +196,7 @@ def test_sigterm_to_one_host_stops_every_host_at_the_same_checked_step(data_dir,
     steps = []
     for process, output in zip(processes, outputs):
         assert process.returncode == 128 + signal.SIGTERM, output
-        line = next(line for line in output.splitlines() if line.startswith("pre-empted"))
+        line = next(line for line in output.splitlines() if "warning: pre-empted (SIGTERM)" in line)
         steps.append(int(line.split("at step ")[1].split(":")[0]))
     assert steps[0] == steps[1] and steps[0] % 4 == 0 and steps[0] >= 4
     manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))

@@ -11,8 +11,8 @@ latest complete checkpoint; one that cannot be read (a truncated file) is set as
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import time
 from typing import Any
 
@@ -26,6 +26,8 @@ from orbax.checkpoint import checkpoint_managers
 from vlretrieval.errors import UserError, first_line
 from vlretrieval.models import layout
 from vlretrieval.parallel import hosts
+
+log = logging.getLogger(__name__)
 
 
 class Checkpointer:
@@ -164,8 +166,7 @@ class Checkpointer:
         target = f"{source}.unreadable-{int(time.time())}"
         if jax.process_index() == 0:
             os.rename(source, target)
-            print(f"warning: skipping checkpoint {source}, which cannot be read ({error}); "
-                  f"moved to {target}", file=sys.stderr, flush=True)
+            log.warning(f"skipping checkpoint {source}, which cannot be read ({error}); moved to {target}")
         hosts.barrier("set_aside_checkpoint")
         self.manager.reload()
 

@@ -8,64 +8,56 @@ one `error: ...` line and exit status 2; anything else is a bug and keeps its tr
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
 from vlretrieval.errors import UserError
 from vlretrieval.preemption import PREEMPTED_EXIT_STATUS, Preempted
 
+log = logging.getLogger("vlretrieval.cli")  # not __name__: run as `python -m`, that is __main__
+
 DEFAULT_CONFIG = os.path.join("configs", "demo.py")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="vlretrieval",
-        description="Image-text retrieval in JAX/Flax: train, evaluate and inspect models.",
-        epilog="Override any config field with --config.SECTION.KEY=VALUE, e.g. "
-        "--config.train.batch_size=64.",
+def _command(commands, name: str, help_text: str, workdir: bool = True) -> argparse.ArgumentParser:
+    """A subcommand with the options every command shares."""
+    sub = commands.add_parser(name, help=help_text, description=help_text)
+    sub.add_argument("--config", default=DEFAULT_CONFIG, help="config file, optionally FILE:ARG")
+    if workdir:
+        sub.add_argument("--workdir", required=True, help="where checkpoints and results go")
+    sub.add_argument(
+        "--data_dir", help="shorthand for --config.data.data_dir (where datasets are built)"
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    sub.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return sub
 
-    def command(name: str, help_text: str, workdir: bool = True) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument("--config", default=DEFAULT_CONFIG, help="config file, optionally FILE:ARG")
-        if workdir:
-            sub.add_argument("--workdir", required=True, help="where checkpoints and results go")
-        sub.add_argument(
-            "--data_dir", help="shorthand for --config.data.data_dir (where datasets are built)"
-        )
-        sub.add_argument("--no_progress", action="store_true", help="no progress bar")
-        return sub
 
-    def with_init_from(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sub.add_argument(
-            "--init_from",
-            help="start from another run's parameters (a workdir or checkpoints/<step>): "
-            "shorthand for --config.train.init_from",
-        )
-        return sub
-
-    def with_hosts(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        group = sub.add_argument_group(
-            "multi-host", "join a run of several processes (JAX's distributed runtime); without "
-            "these, SLURM and Cloud TPU pods are detected from the environment"
-        )
-        group.add_argument("--coordinator_address", help="HOST:PORT of process 0")
-        group.add_argument("--num_processes", type=int, help="processes in the run")
-        group.add_argument("--process_id", type=int, help="this process's index, 0-based")
-        group.add_argument(
-            "--heartbeat_timeout", type=int, default=60,
-            help="seconds without a peer's heartbeat before every process stops (default 60)",
-        )
-        return sub
-
-    command("prepare-data", "Build the config's dataset and tokenizer (the demo set is generated).", workdir=False)
-    with_hosts(with_init_from(
-        command("train", "Train (resuming from the latest checkpoint in --workdir), then evaluate.")
-    ))
-    evaluate = with_hosts(
-        command("eval", "Evaluate the latest checkpoint in --workdir and write results.json.")
+def _with_init_from(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    sub.add_argument(
+        "--init_from",
+        help="start from another run's parameters (a workdir or checkpoints/<step>): "
+        "shorthand for --config.train.init_from",
     )
+    return sub
+
+
+def _with_hosts(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    group = sub.add_argument_group(
+        "multi-host", "join a run of several processes (JAX's distributed runtime); without "
+        "these, SLURM and Cloud TPU pods are detected from the environment"
+    )
+    group.add_argument("--coordinator_address", help="HOST:PORT of process 0")
+    group.add_argument("--num_processes", type=int, help="processes in the run")
+    group.add_argument("--process_id", type=int, help="this process's index, 0-based")
+    group.add_argument(
+        "--heartbeat_timeout", type=int, default=60,
+        help="seconds without a peer's heartbeat before every process stops (default 60)",
+    )
+    return sub
+
+
+def _add_eval_arguments(evaluate: argparse.ArgumentParser) -> None:
     evaluate.add_argument(
         "--mode",
         choices=("towers", "joint", "rerank"),
@@ -84,18 +76,39 @@ def _parser() -> argparse.ArgumentParser:
         help="rank against this saved image index (`vlretrieval index`) instead of embedding the "
         "images: shorthand for --config.eval.index",
     )
-    with_hosts(command("demo", "Train and evaluate the demo end to end and print the results table."))
-    index_command = with_hosts(command(
-        "index", "Embed the images of config.eval.split with the latest checkpoint in --workdir "
-        "and save them as an index (safetensors: embeddings, item ids, step, config hash)."))
-    index_command.add_argument("--output", required=True, help="the index file to write")
-    search_command = with_hosts(command(
-        "search", "Embed text queries with the latest checkpoint in --workdir and print each "
-        "one's top k items of a saved index, one JSON line per query."))
+
+
+def _add_search_arguments(search_command: argparse.ArgumentParser) -> None:
     search_command.add_argument("--index", required=True, help="an index written by `vlretrieval index`")
     search_command.add_argument("--query", action="append", help="a text query (repeatable)")
     search_command.add_argument("--queries_file", help="a UTF-8 file of queries, one per line")
     search_command.add_argument("--k", type=int, default=10, help="results per query (default 10)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlretrieval",
+        description="Image-text retrieval in JAX/Flax: train, evaluate and inspect models.",
+        epilog="Override any config field with --config.SECTION.KEY=VALUE, e.g. "
+        "--config.train.batch_size=64.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    _command(commands, "prepare-data",
+             "Build the config's dataset and tokenizer (the demo set is generated).", workdir=False)
+    _with_hosts(_with_init_from(_command(
+        commands, "train", "Train (resuming from the latest checkpoint in --workdir), then evaluate."
+    )))
+    _add_eval_arguments(_with_hosts(_command(
+        commands, "eval", "Evaluate the latest checkpoint in --workdir and write results.json."
+    )))
+    _with_hosts(_command(commands, "demo", "Train and evaluate the demo end to end and print the results table."))
+    index_command = _with_hosts(_command(
+        commands, "index", "Embed the images of config.eval.split with the latest checkpoint in "
+        "--workdir and save them as an index (safetensors: embeddings, item ids, step, config hash)."))
+    index_command.add_argument("--output", required=True, help="the index file to write")
+    _add_search_arguments(_with_hosts(_command(
+        commands, "search", "Embed text queries with the latest checkpoint in --workdir and print "
+        "each one's top k items of a saved index, one JSON line per query.")))
     convert_help = ("Convert checkpoints: a Hugging Face folder (BertModel, XLMRobertaModel, "
                     "ViTModel, CLIPModel, ViltModel) to a vlretrieval run folder, or a "
                     "vlretrieval checkpoint's towers to a Hugging Face folder.")
@@ -154,7 +167,7 @@ def run(argv: list[str]) -> int:
         from vlretrieval.data import datasets
 
         data = datasets.open_dataset(config.data, seed=config.seed)
-        print(f"dataset ready in {data.directory}; tokenizer vocabulary {data.tokenizer.vocab_size}")
+        log.info(f"dataset ready in {data.directory}; tokenizer vocabulary {data.tokenizer.vocab_size}")
         return 0
 
     from vlretrieval.parallel import hosts
@@ -179,14 +192,13 @@ def run(argv: list[str]) -> int:
             raise
         hosts.finish()
         if args.command == "demo":
-            print(f"\nresults: {os.path.join(args.workdir, 'results.json')}; "
+            log.info(f"\nresults: {os.path.join(args.workdir, 'results.json')}; "
                   f"wall time {results['wall_seconds']:.0f} s")
         return 0
     if args.command == "eval":
         results = checkpoints.evaluate_checkpoint(config, args.workdir)
         hosts.finish()
-        if jax.process_index() == 0:
-            print(format_table(results, config.eval.recall_at))
+        log.info(format_table(results, config.eval.recall_at))
         return 0
     if args.command in ("index", "search"):
         from vlretrieval.evaluation import index_commands
@@ -197,12 +209,11 @@ def run(argv: list[str]) -> int:
             queries = index_commands.read_queries(args.query, args.queries_file)
             found = index_commands.search_index(config, args.workdir, args.index, queries, args.k)
         hosts.finish()
-        if jax.process_index() == 0:
-            if args.command == "index":
-                print(f"wrote {summary['items']} embeddings of dimension {summary['dim']} "
-                      f"(checkpoint step {summary['step']}) to {summary['index']}")
-            else:
-                index_commands.print_results(found)
+        if args.command == "index":
+            log.info(f"wrote {summary['items']} embeddings of dimension {summary['dim']} "
+                     f"(checkpoint step {summary['step']}) to {summary['index']}")
+        elif jax.process_index() == 0:  # the command's output (JSON lines to pipe), not a log line
+            index_commands.print_results(found)
         return 0
     raise AssertionError(args.command)
 
@@ -211,13 +222,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = run(sys.argv[1:] if argv is None else argv)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        log.error(str(error))
         code = 2
     except Preempted as stopped:
-        print(str(stopped), file=sys.stderr)
+        log.warning(str(stopped))
         code = PREEMPTED_EXIT_STATUS
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        log.error("interrupted")
         code = 130
     sys.exit(code)
 

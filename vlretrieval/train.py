@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import math
 import os
 import time
@@ -31,6 +33,8 @@ from vlretrieval.models import build_model
 from vlretrieval.models.factory import parameter_count
 from vlretrieval.negatives import TextNegativeComposer
 from vlretrieval.state import TrainState, create_train_state, make_optimizer
+
+log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(UserError):
@@ -137,11 +141,22 @@ def _check_finite(metrics: dict[str, float], step: int) -> None:
         )
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True):
-    """Train to `config.train.num_steps`, resuming from the latest checkpoint in `workdir`.
+@dataclasses.dataclass
+class _Run:
+    """A run's pieces, all built and checked before anything is written."""
 
-    Returns (model, params, data) for evaluation.
-    """
+    data: Any
+    translations: Any
+    mesh: Any
+    model: Any
+    tx: Any
+    schedule: Any
+    state: TrainState
+    objective: objectives.Objective
+
+
+def _checked_run(config: ml_collections.ConfigDict, workdir: str) -> _Run:
+    """Every input checked and every piece built, in the order that fails cheapest first."""
     check_workdir_writable(workdir)
     check_every = config.train.preemption_check_every
     if not isinstance(check_every, int) or check_every < 1:
@@ -149,74 +164,100 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     build_model(config.model, vocab_size=1)  # a bad model option fails before data is prepared
     data = datasets.open_dataset(config.data, seed=config.seed)  # bad data fails before any write
     mesh = parallel.make_mesh(config.train.num_devices or None)
-    global_batch_size = config.train.batch_size
-    parallel.check_batch_divisible(global_batch_size, mesh, "config.train.batch_size")
+    parallel.check_batch_divisible(config.train.batch_size, mesh, "config.train.batch_size")
     model = build_model(config.model, data.tokenizer.vocab_size)
     tx, schedule = make_optimizer(config.optimizer, config.train.num_steps)
     state = create_train_state(model, tx, config.seed)
     objective = objective_for(model, config, data, mesh)
     translations = None
-    if config.objectives.text_text > 0:  # checked before anything is written
+    if config.objectives.text_text > 0:
         parallel.check_batch_divisible(config.bitext.batch_size, mesh, "config.bitext.batch_size")
         parallel.check_accumulation(config.bitext.batch_size, mesh, config.train.accumulation_steps)
         translations = datasets.open_translations(config.bitext, config.data, config.seed)
-    if config.train.init_from and not has_checkpoint(workdir):
-        # A new run starting from another run's weights (e.g. the towers from a pre-trained joint
-        # model): parameters only; the optimizer, step and data order start afresh. A resumed run
-        # ignores it: its own checkpoint is newer.
-        params = initial_params(config.train.init_from, state.params, config.model)
-        state = state.replace(params=params, opt_state=tx.init(params))
-        print(f"initialised the parameters from {config.train.init_from}")
+    return _Run(data, translations, mesh, model, tx, schedule, state, objective)
+
+
+def _starting_state(config: ml_collections.ConfigDict, run: _Run, checkpointer):
+    """(step, state) to start from: the latest checkpoint, else `train.init_from`'s weights, else
+    the initialisation. Says which in the log."""
+    state = run.state
+    if checkpointer.all_steps():
+        step, state = checkpointer.restore_latest(state)
+        log.info(f"resuming from the checkpoint at step {step} in {checkpointer.directory}")
+        # Extending num_steps is routine; a changed learning rate or objective should show in the log.
+        saved = checkpointer.saved_config(step)
+        if saved is not None and (changed := config_lib.differences(saved, config)):
+            log.info(f"note: the config differs from the one saved at step {step}: " + "; ".join(changed))
+        return step, state
+    return 0, state
+
+
+def _initialised_from(config: ml_collections.ConfigDict, workdir: str, run: _Run) -> TrainState:
+    """A new run starting from another run's weights (e.g. the towers from a pre-trained joint
+    model): parameters only; the optimizer, step and data order start afresh. A resumed run
+    ignores it: its own checkpoint is newer."""
+    if not config.train.init_from or has_checkpoint(workdir):
+        return run.state
+    params = initial_params(config.train.init_from, run.state.params, config.model)
+    log.info(f"initialised the parameters from {config.train.init_from}")
+    return run.state.replace(params=params, opt_state=run.tx.init(params))
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True):
+    """Train to `config.train.num_steps`, resuming from the latest checkpoint in `workdir`.
+
+    Returns (model, params, data) for evaluation.
+    """
+    run = _checked_run(config, workdir)
+    run.state = _initialised_from(config, workdir, run)
     os.makedirs(workdir, exist_ok=True)  # only now: every input has been checked
     checkpointer = Checkpointer(
         workdir, keep_last=config.train.keep_last, keep_best=config.train.keep_best,
         best_metric=config.train.best_metric,
     )
-    start_step = 0
-    if checkpointer.all_steps():
-        start_step, state = checkpointer.restore_latest(state)
-        print(f"resuming from the checkpoint at step {start_step} in {checkpointer.directory}")
-        # Extending num_steps is routine; a changed learning rate or objective should show in the log.
-        saved = checkpointer.saved_config(start_step)
-        if saved is not None and (changed := config_lib.differences(saved, config)):
-            print(f"note: the config differs from the one saved at step {start_step}: " + "; ".join(changed))
+    start_step, state = _starting_state(config, run, checkpointer)
+    mesh = run.mesh
     state_shardings = parallel.state_shardings(state, mesh, config.train.fsdp)
     state = jax.device_put(state, state_shardings)
-    print(
+    log.info(
         f"model: {config.model.kind}, {parameter_count(state.params) / 1e6:.2f}M parameters"
         f"{' (FSDP)' if config.train.fsdp else ''}; {mesh.size} device(s), global batch "
-        f"{global_batch_size}"
+        f"{config.train.batch_size}"
         + (f" in {config.train.accumulation_steps} micro-batches"
            if config.train.accumulation_steps > 1 else "")
     )
-
     step_fn = jax.jit(
         make_train_step(
-            objective, tx, schedule, accumulation_steps=config.train.accumulation_steps, mesh=mesh
+            run.objective, run.tx, run.schedule, accumulation_steps=config.train.accumulation_steps,
+            mesh=mesh,
         ),
         in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
         out_shardings=(state_shardings, parallel.replicated(mesh)),
         donate_argnums=0,
     )
-    writer = MetricsWriter(workdir)
-    writer.keep_until(start_step)
-    num_steps = config.train.num_steps
-    batches = _training_batches(config, data, translations)
+    batches = _training_batches(config, run.data, run.translations)
     if start_step:
         # Checkpoints written before the pipeline state was saved: batch = step, so the step is
         # the position.
         saved = checkpointer.restore_data_state(start_step)
         batches.set_state(saved or {name: {"next_index": start_step} for name in batches.iterators})
-    epoch_steps = pipeline.steps_per_epoch(
-        len(data.split("train")), global_batch_size
-    )
+    state = _loop(config, workdir, run, step_fn, state, batches, checkpointer, start_step, progress)
+    return run.model, state.params, run.data
+
+
+def _loop(config, workdir, run: _Run, step_fn, state, batches, checkpointer, start_step, progress):
+    """Steps `start_step + 1 ... num_steps`: log, evaluate, checkpoint, stop on SIGTERM."""
+    writer = MetricsWriter(workdir)
+    writer.keep_until(start_step)
+    num_steps, check_every, data = config.train.num_steps, config.train.preemption_check_every, run.data
+    epoch_steps = pipeline.steps_per_epoch(len(data.split("train")), config.train.batch_size)
     bar = tqdm(
         total=num_steps, initial=start_step, unit="step", disable=not progress or start_step >= num_steps
     )
     meter = None
     with preemption.SigtermGuard() as sigterm:
         for step in range(start_step + 1, num_steps + 1):
-            batch = parallel.global_batch(next(batches), mesh)
+            batch = parallel.global_batch(next(batches), run.mesh)
             if meter is None:
                 step_fn, meter = _compile_step(step_fn, state, batch, config, start_step)
             state, metrics = step_fn(state, batch)
@@ -238,7 +279,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
                 )
             eval_metrics = None
             if config.train.eval_every and (step % config.train.eval_every == 0 or is_last):
-                eval_metrics = checkpoints.evaluate_during_training(config, model, state.params, data, mesh)
+                eval_metrics = checkpoints.evaluate_during_training(
+                    config, run.model, state.params, data, run.mesh
+                )
                 writer.write({"step": step, **{f"eval_{k}": v for k, v in eval_metrics.items()}})
                 meter.restart(step)
                 saving = True  # the metric ranks checkpoints: keep one at every evaluation
@@ -246,7 +289,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
                 checkpointer.save(step, state, config, batches.get_state(), eval_metrics)
                 preemption.fault_point_after_save_started(step)
             if step % epoch_steps == 0 and data.bad_records is not None:
-                tqdm.write(f"epoch {step // epoch_steps} done: preparation {summary(data.bad_records)}")
+                log.info(f"epoch {step // epoch_steps} done: preparation {summary(data.bad_records)}")
             if preempted:
                 bar.close()
                 checkpointer.wait()
@@ -255,7 +298,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     bar.close()
     checkpointer.wait()
     checkpointer.close()
-    return model, state.params, data
+    return state
 
 
 def _compile_step(step_fn, state, batch, config, start_step: int):
@@ -266,9 +309,8 @@ def _compile_step(step_fn, state, batch, config, start_step: int):
     flops = throughput.compiled_flops(compiled)
     device_kind = jax.devices()[0].device_kind
     peak = throughput.peak_tflops(device_kind, config.model.dtype, config.train.peak_tflops)
-    if jax.process_index() == 0:
-        print(f"compiled the train step in {time.perf_counter() - started:.1f} s; "
-              + throughput.describe(flops, peak, device_kind, config.model.dtype))
+    log.info(f"compiled the train step in {time.perf_counter() - started:.1f} s; "
+             + throughput.describe(flops, peak, device_kind, config.model.dtype))
     return compiled, throughput.StepMeter(start_step, config.train.batch_size, flops, peak)
 
 
@@ -314,6 +356,5 @@ def train_and_evaluate(
     model, params, data = train(config, workdir, progress=progress)
     results = checkpoints.evaluate_checkpoint(config, workdir, model, params, data)
     results["wall_seconds"] = time.perf_counter() - started
-    if jax.process_index() == 0:
-        print(format_table(results, config.eval.recall_at))
+    log.info(format_table(results, config.eval.recall_at))
     return results

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from vlretrieval.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def add_arguments(sub: argparse.ArgumentParser, default_config: str) -> None:
@@ -38,13 +41,13 @@ def run_convert(args: argparse.Namespace, overrides: list[str]) -> int:
             path, base, image_size=args.image_size, max_text_length=args.max_text_length
         )
         initialised = native.write_converted(converted, args.to, config, args.config, path)
-        print(f"converted {converted.architecture} ({len(converted.params)} parameters) from "
-              f"{path} into {args.to}")
+        log.info(f"converted {converted.architecture} ({len(converted.params)} parameters) from "
+                 f"{path} into {args.to}")
         for note in converted.notes:
-            print(f"note: {note}")
+            log.info(f"note: {note}")
         if initialised:
-            print(f"note: initialised, not converted (the source has no such weights): "
-                  f"{', '.join(initialised)}")
+            log.info(f"note: initialised, not converted (the source has no such weights): "
+                     f"{', '.join(initialised)}")
         return 0
     if source_format == "vlretrieval":
         if not args.to_hf or not args.arch or args.to:
@@ -55,8 +58,8 @@ def run_convert(args: argparse.Namespace, overrides: list[str]) -> int:
         from vlretrieval.convert import hf_out
 
         notes = hf_out.export(path, args.to_hf, args.arch)
-        print(f"exported {path} as {args.arch} into {args.to_hf}")
+        log.info(f"exported {path} as {args.arch} into {args.to_hf}")
         for note in notes:
-            print(f"note: {note}")
+            log.info(f"note: {note}")
         return 0
     raise UserError(f"--from {source_format}: choose hf or vlretrieval")

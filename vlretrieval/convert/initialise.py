@@ -13,6 +13,7 @@ projections of two single towers) keep their fresh initialisation.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import jax
@@ -23,6 +24,8 @@ from vlretrieval.checkpoint import load_params
 from vlretrieval.convert import architectures, hf_in, native, positions
 from vlretrieval.errors import UserError
 from vlretrieval.models import layout
+
+log = logging.getLogger(__name__)
 
 _RUN_OPTIONS = ("dropout", "attention_dropout", "remat")  # how to train, not what to compute
 PART_KEYS = {
@@ -74,8 +77,8 @@ def initial_params(spec: str, template: Any, model_config) -> Any:
             values[path] = np.asarray(array, values[path].dtype)
     kept = [name for name in values if name not in origin]
     if kept:
-        print(f"--init_from: {len(kept)} parameters keep their initialisation "
-              f"({', '.join(kept[:4])}{', ...' if len(kept) > 4 else ''})")
+        log.info(f"--init_from: {len(kept)} parameters keep their initialisation "
+                 f"({', '.join(kept[:4])}{', ...' if len(kept) > 4 else ''})")
     params = layout.to_layout(traverse_util.unflatten_dict(values, sep="/"), scanned=scanned)
     return jax.tree.map(np.asarray, params)
 

@@ -7,6 +7,7 @@ The trainer calls this module; nothing here imports the trainer.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import jax
@@ -21,6 +22,8 @@ from vlretrieval.evaluation import metrics, report
 from vlretrieval.evaluation.evaluate import evaluate_split, subset, write_results
 from vlretrieval.models import build_model
 from vlretrieval.state import create_train_state, make_optimizer
+
+log = logging.getLogger(__name__)
 
 
 def evaluation_split(config: ml_collections.ConfigDict, data) -> dict[str, Any]:
@@ -41,8 +44,8 @@ def restore_for_evaluation(config: ml_collections.ConfigDict, workdir: str):
     step, state = checkpointer.restore_latest(create_train_state(model, tx, config.seed))
     note = config_lib.evaluated_config_note(checkpointer.saved_config(step), config, step)
     checkpointer.close()
-    if note and jax.process_index() == 0:
-        print(note)
+    if note:
+        log.info(note)
     return model, state.params, data, step
 
 

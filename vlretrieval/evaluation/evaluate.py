@@ -154,30 +154,13 @@ def evaluate_split(
             continue
         pairs = (token_ids, text_mask, images)
         if mode == "joint":
-            scores = rerank.all_pairs_scores(scorer, *pairs)  # [texts, images]
-            text_ranks = rerank.ranks_from_scores(scores, owners, image_owners)
-            image_ranks = rerank.ranks_from_scores(scores.T, image_owners, owners)
+            ranks = rerank.joint_ranks(scorer, pairs, owners, image_owners)
         else:
-            tower_scores = text_embeddings @ image_embeddings.T
-            image_candidates = rerank.shortlist(tower_scores, shortlist_size)  # per text
-            text_candidates = rerank.shortlist(tower_scores.T, shortlist_size)  # per image
-            text_index = np.repeat(np.arange(len(texts)), image_candidates.shape[1])
-            image_joint = rerank.score_pairs(
-                scorer, *pairs, text_index, image_candidates.ravel()
-            ).reshape(image_candidates.shape)
-            image_index = np.repeat(image_owners, text_candidates.shape[1])
-            text_joint = rerank.score_pairs(
-                scorer, *pairs, text_candidates.ravel(), image_index
-            ).reshape(text_candidates.shape)
-            image_joint += rerank_tower_weight * np.take_along_axis(tower_scores, image_candidates, 1)
-            text_joint += rerank_tower_weight * np.take_along_axis(tower_scores.T, text_candidates, 1)
-            text_ranks = rerank.reranked_ranks(
-                tower_scores, image_candidates, image_joint, owners, image_owners
+            ranks = rerank.shortlist_ranks(
+                scorer, pairs, text_embeddings @ image_embeddings.T, owners, image_owners,
+                shortlist_size, rerank_tower_weight,
             )
-            image_ranks = rerank.reranked_ranks(
-                tower_scores.T, text_candidates, text_joint, image_owners, owners
-            )
-        per_language[language] = metrics_from_ranks(text_ranks, image_ranks, recall_at)
+        per_language[language] = metrics_from_ranks(*ranks, recall_at)
     results = {
         "mode": mode,
         "num_images": int(len(image_embeddings)),

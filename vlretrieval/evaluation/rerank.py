@@ -97,3 +97,33 @@ def reranked_ranks(
     best = np.where(positive, candidate_joint_scores, -np.inf).max(axis=1, keepdims=True)
     shortlist_ranks = ((candidate_joint_scores >= best) & ~positive).sum(axis=1)
     return np.where(has_positive, shortlist_ranks, tower_ranks)
+
+
+def joint_ranks(scorer, pairs, owners: np.ndarray, image_owners: np.ndarray):
+    """(text -> image ranks, image -> text ranks) from the joint score of every pair."""
+    scores = all_pairs_scores(scorer, *pairs)  # [texts, images]
+    return ranks_from_scores(scores, owners, image_owners), ranks_from_scores(scores.T, image_owners, owners)
+
+
+def shortlist_ranks(
+    scorer, pairs, tower_scores: np.ndarray, owners: np.ndarray, image_owners: np.ndarray,
+    shortlist_size: int, tower_weight: float,
+):
+    """(text -> image ranks, image -> text ranks): the towers' `shortlist_size` best candidates
+    of each query re-ordered by the joint score (+ `tower_weight` x the tower cosine)."""
+    image_candidates = shortlist(tower_scores, shortlist_size)  # per text
+    text_candidates = shortlist(tower_scores.T, shortlist_size)  # per image
+    text_index = np.repeat(np.arange(len(tower_scores)), image_candidates.shape[1])
+    image_joint = score_pairs(scorer, *pairs, text_index, image_candidates.ravel()).reshape(
+        image_candidates.shape
+    )
+    image_index = np.repeat(image_owners, text_candidates.shape[1])
+    text_joint = score_pairs(scorer, *pairs, text_candidates.ravel(), image_index).reshape(
+        text_candidates.shape
+    )
+    image_joint += tower_weight * np.take_along_axis(tower_scores, image_candidates, 1)
+    text_joint += tower_weight * np.take_along_axis(tower_scores.T, text_candidates, 1)
+    return (
+        reranked_ranks(tower_scores, image_candidates, image_joint, owners, image_owners),
+        reranked_ranks(tower_scores.T, text_candidates, text_joint, image_owners, owners),
+    )

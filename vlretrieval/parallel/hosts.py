@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
-import sys
 import threading
 import time
 from typing import Any
@@ -28,7 +28,10 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from vlretrieval import log as log_lib
 from vlretrieval.errors import UserError, first_line
+
+log = logging.getLogger(__name__)
 
 ENVIRONMENT = {
     "coordinator_address": "VLRETRIEVAL_COORDINATOR_ADDRESS",
@@ -133,6 +136,7 @@ def initialize(setup: HostSetup, environ: dict[str, str] | None = None) -> bool:
             f"(process {setup.process_id} of {setup.num_processes}): "
             f"{first_line(error)}"
         ) from None
+    log_lib.set_process(jax.process_index(), jax.process_count())  # only process 0 prints info
     return True
 
 
@@ -191,8 +195,7 @@ class PeerWatchdog:
     def _lost(self, message: str) -> None:
         if self.stopped.is_set():
             return
-        print(f"error: {message}; stopping process {self.me} of {self.count}",
-              file=sys.stderr, flush=True)
+        log.error(f"{message}; stopping process {self.me} of {self.count}")
         os._exit(1)  # a thread cannot raise into the main thread, which may be inside XLA
 
     def _run(self) -> None:

@@ -20,6 +20,8 @@ from etils import epath
 
 from vlretrieval.errors import UserError
 
+log = logging.getLogger(__name__)
+
 
 class LocalBuilder(tfds.core.GeneratorBasedBuilder):
     """A tfds builder defined in this package rather than in an installed dataset package."""
@@ -66,13 +68,13 @@ def run_build(builder: tfds.core.DatasetBuilder, data_dir: str, what: str, space
     if not os.access(data_dir, os.W_OK):
         raise UserError(f"data directory {data_dir} is not writable: pass a writable directory")
     remove_stale_incomplete(builder)
-    print(f"Generating {what} in {os.fspath(builder.data_dir)} ...", end="", flush=True)
+    log.info(f"Generating {what} in {os.fspath(builder.data_dir)} ...")
     start = time.perf_counter()
     try:
         with quiet_tfds():
             builder.download_and_prepare(file_format="array_record")
     except BaseException as error:  # Ctrl-C included: end the line before the traceback
-        print(" failed", flush=True)
+        log.info(f"... {what} failed")
         remove_stale_incomplete(builder)
         if isinstance(error, UserError) or not isinstance(error, OSError):
             raise
@@ -80,7 +82,7 @@ def run_build(builder: tfds.core.DatasetBuilder, data_dir: str, what: str, space
             f"cannot write {what} into {data_dir} ({one_line(error)}): "
             f"pass a writable directory with {space} free"
         ) from error
-    print(f" done in {time.perf_counter() - start:.1f} s", flush=True)
+    log.info(f"... {what} done in {time.perf_counter() - start:.1f} s")
     remove_empty_download_folders(data_dir)
 
 

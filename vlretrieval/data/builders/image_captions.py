@@ -13,6 +13,7 @@ at every training epoch.
 
 from __future__ import annotations
 
+import logging
 import collections
 import dataclasses
 import hashlib
@@ -28,6 +29,8 @@ from PIL import Image, UnidentifiedImageError
 
 from vlretrieval.data.builders import building, layouts
 from vlretrieval.errors import UserError
+
+log = logging.getLogger(__name__)
 
 BAD_RECORD_POLICIES = ("skip", "fail")
 BAD_RECORDS_FILENAME = "bad_records.json"
@@ -239,5 +242,5 @@ def prepare(config: ImageCaptionsConfig, data_dir: str) -> ImageCaptions:
             sizes = ", ".join(
                 f"{name} {info.num_examples}" for name, info in sorted(builder.info.splits.items())
             )
-            print(f"{config.layout}: {sizes} images; {summary(bad_records)}", flush=True)
+            log.info(f"{config.layout}: {sizes} images; {summary(bad_records)}")
     return builder
