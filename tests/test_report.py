@@ -46,3 +46,21 @@ def test_report_files_are_valid_and_the_table_matches_results_json(tmp_path):
         entry = saved["average"] if name == "average" else saved["languages"][name]
         for title, text in row.items():
             assert float(text) == round(report.lookup(entry, columns[title]), 1), (name, title)
+
+
+def test_the_terminal_table_is_the_same_table_with_the_main_metrics():
+    # One renderer: the terminal's table is results.md's, less ranks and the paired/Hamming
+    # sections, R@K at config.eval.recall_at, ASCII arrows.
+    results = json.loads(json.dumps(results_for_two_languages()))
+    terminal = report.format_table(results, recall_at=(1, 5))
+    header = terminal.splitlines()[0].split("  ")
+    header = [cell.strip() for cell in header if cell.strip()]
+    markdown = report.markdown_table(results).splitlines()[0]
+    assert header[:5] == ["language", "T->I R@1", "T->I R@5", "I->T R@1", "I->T R@5"]
+    assert header[-1] == "mean recall"
+    assert "T->I mAP" in header and "I->T mAP" in header
+    assert not any("rank" in cell or "paired" in cell or "Hamming" in cell for cell in header)
+    assert "R@10" not in terminal and "T→I R@10" in markdown and "paired T→I R@5" in markdown
+    average = terminal.splitlines()[-1].split()
+    assert average[0] == "average"
+    assert float(average[1]) == round(results["average"]["text_to_image"]["R@1"], 1)

@@ -21,11 +21,17 @@ ASCII_ARROWS = {"text_to_image": "T->I", "image_to_text": "I->T"}  # for termina
 SECTIONS = ((None, ""), ("paired", "paired "), ("hamming", "Hamming "))
 
 
+# The terminal table's metrics beside R@K; results.md has every metric (ranks too).
+TERMINAL_METRICS = ("mAP", "mAP@R")
+
+
 def table_columns(
-    results: dict[str, Any], recall_at: Sequence[int] | None = None, sections=SECTIONS, arrows=ARROWS
+    results: dict[str, Any], recall_at: Sequence[int] | None = None, sections=SECTIONS, arrows=ARROWS,
+    only: Sequence[str] | None = None,
 ) -> list[tuple[str, tuple[str, ...]]]:
-    """(title, key path) for every number of the average entry, in a stable order; R@K only for
-    the Ks in `recall_at` when given."""
+    """(title, key path) for every number of the average entry: per section, R@K of both
+    directions, then the other metrics of both, then mean recall. R@K only for the Ks in
+    `recall_at` when given, other metrics only those in `only` when given."""
     average = results["average"]
     columns = []
     for section, prefix in sections:
@@ -33,11 +39,16 @@ def table_columns(
         if not entry:
             continue
         base = () if section is None else (section,)
-        for direction in DIRECTIONS:
-            for key in entry.get(direction, {}):
-                if recall_at is not None and key.startswith("R@") and int(key[2:]) not in recall_at:
-                    continue
-                columns.append((f"{prefix}{arrows[direction]} {key}", base + (direction, key)))
+        for recalls in (True, False):
+            for direction in DIRECTIONS:
+                for key in entry.get(direction, {}):
+                    if key.startswith("R@") != recalls:
+                        continue
+                    if recalls and recall_at is not None and int(key[2:]) not in recall_at:
+                        continue
+                    if not recalls and only is not None and key not in only:
+                        continue
+                    columns.append((f"{prefix}{arrows[direction]} {key}", base + (direction, key)))
         if "mean_recall" in entry:
             columns.append((f"{prefix}mean recall", base + ("mean_recall",)))
     return columns
@@ -67,7 +78,7 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 def format_table(results: dict[str, Any], recall_at: Sequence[int] | None = (1, 5, 10)) -> str:
     """The main metrics as a fixed-width table for the terminal (R@K at `recall_at`)."""
-    columns = table_columns(results, recall_at, sections=SECTIONS[:1], arrows=ASCII_ARROWS)
+    columns = table_columns(results, recall_at, SECTIONS[:1], ASCII_ARROWS, only=TERMINAL_METRICS)
     rows = _table_cells(results, columns)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
