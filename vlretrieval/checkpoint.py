@@ -200,6 +200,26 @@ def find_checkpoint(path: str) -> tuple[str, int]:
                     "checkpoints/ or checkpoints/<step>)")
 
 
+def read_saved_params(path: str, *, with_config: bool = False) -> tuple[Any, dict[str, Any] | None]:
+    """(parameters as saved, the saved config dict when `with_config`) of the newest checkpoint at
+    `path` (a run folder, its checkpoints/ or checkpoints/<step>), without a model to restore into.
+    A checkpoint that cannot be read is one `UserError` line."""
+    directory, step = find_checkpoint(path)
+    items = {"state": ocp.args.StandardRestore()}
+    if with_config:
+        items["config"] = ocp.args.JsonRestore()
+    manager = ocp.CheckpointManager(directory)
+    try:
+        saved = manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as error:  # orbax raises many types for an unreadable checkpoint
+        raise UserError(f"{path}: cannot read checkpoint {step}: {first_line(error)}") from None
+    finally:
+        manager.close()
+    state = saved.state
+    params = state["params"] if isinstance(state, dict) else state.params
+    return params, (saved.config if with_config else None)
+
+
 def load_params(path: str, params_template: Any) -> Any:
     """Parameters of another run's checkpoint, checked leaf by leaf against this model's.
 
@@ -207,18 +227,9 @@ def load_params(path: str, params_template: Any) -> Any:
     a checkpoint of another architecture must fail loudly, not load half-way.
     """
     try:
-        directory, step = find_checkpoint(path)
+        saved_params, _ = read_saved_params(path)
     except UserError as error:
         raise UserError(f"--init_from {error}") from None
-    manager = ocp.CheckpointManager(directory)
-    try:
-        saved = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    except Exception as error:  # orbax raises many types for an unreadable checkpoint
-        raise UserError(f"--init_from {path}: cannot read checkpoint {step}: {first_line(error)}") from None
-    finally:
-        manager.close()
-    state = saved.state
-    saved_params = state["params"] if isinstance(state, dict) else state.params
     # A run trained with the other stack layout (scan_layers) loads all the same.
     saved_params = layout.to_layout(saved_params, scanned=bool(layout.is_scanned(params_template)))
     saved_leaves = traverse_util.flatten_dict(saved_params, sep="/")

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
-from vlretrieval.checkpoint import find_checkpoint
-from vlretrieval.errors import UserError, first_line
+from vlretrieval.checkpoint import find_checkpoint, read_saved_params
+from vlretrieval.errors import UserError
 from vlretrieval.models import layout
 
 TOKENIZER_FILES = (
@@ -172,23 +172,10 @@ def run_folder(path: str) -> str:
 
 def read_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """(flat parameters, experiment config dict) of any vlretrieval checkpoint."""
-    import orbax.checkpoint as ocp
-
-    directory, step = find_checkpoint(path)
-    manager = ocp.CheckpointManager(directory)
-    try:
-        saved = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()
-        ))
-    except Exception as error:  # orbax raises many types for an unreadable checkpoint
-        raise UserError(f"{path}: cannot read checkpoint {step}: {first_line(error)}") from None
-    finally:
-        manager.close()
-    state = saved.state
-    params = state["params"] if isinstance(state, dict) else state.params
+    params, config = read_saved_params(path, with_config=True)
     # The converters name one Hugging Face layer per block_i: scanned stacks are unrolled here.
     params = layout.to_layout(params, scanned=False)
-    return {k: np.asarray(v) for k, v in flatten(params).items()}, saved.config
+    return {k: np.asarray(v) for k, v in flatten(params).items()}, config
 
 
 def conversion_record(path: str) -> dict[str, Any] | None:
