@@ -15,7 +15,6 @@ Prints one JSON object.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -27,7 +26,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vlretrieval import parallel  # noqa: E402
+from vlretrieval import (
+    arguments,  # noqa: E402
+    parallel,  # noqa: E402
+)
 from vlretrieval.checkpoint import Checkpointer, load_params  # noqa: E402
 from vlretrieval.data import datasets, pipeline  # noqa: E402
 from vlretrieval.evaluation import rerank  # noqa: E402
@@ -66,17 +68,17 @@ def _median_seconds(fn, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = arguments.OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--towers", required=True, help="workdir of the decomposed (towers) run")
     parser.add_argument("--joint", required=True, help="workdir of the joint pre-training run")
     parser.add_argument("--data_dir", help="where the demo data lives (default: as in the run)")
     parser.add_argument("--language", default="en")
-    parser.add_argument("--shortlist", type=int, default=20)
-    parser.add_argument("--timed_pairs", type=int, default=4096, help="joint pairs actually timed")
-    parser.add_argument("--recall_images", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch_size", type=int, default=500)
-    parser.add_argument("--pair_batch_size", type=int, default=256)
+    parser.add_argument("--shortlist", type=arguments.positive_int, default=20)
+    parser.add_argument("--timed_pairs", type=arguments.positive_int, default=4096, help="joint pairs actually timed")
+    parser.add_argument("--recall_images", type=arguments.positive_int, default=100)
+    parser.add_argument("--repeats", type=arguments.positive_int, default=3)
+    parser.add_argument("--batch_size", type=arguments.positive_int, default=500)
+    parser.add_argument("--pair_batch_size", type=arguments.positive_int, default=256)
     parser.add_argument(
         "--fusion_weights", default="0,2,5,10,20,50",
         help="rerank score-fusion weights tried on the validation split; the best is reported on test",
@@ -180,4 +182,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    arguments.run(main)

@@ -12,15 +12,17 @@ still far from converged, it reached 15 points of R@1 at one seed; the demo now 
 Extra arguments go to every run (e.g. --config.train.num_steps=100).
 """
 
-import argparse
 import json
 import os
 import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from runs import train_and_read_results
+from runs import train_and_read_results  # noqa: E402
+
+from vlretrieval import arguments  # noqa: E402
 
 DEVICE_COUNTS = (1, 8)
 
@@ -35,7 +37,7 @@ def recalls(results: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = arguments.OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/demo.py")
     parser.add_argument("--workdir", default="workdir/devices")
     parser.add_argument("--data_dir", default="data")
@@ -60,4 +62,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    arguments.run(main)

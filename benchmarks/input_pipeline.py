@@ -10,7 +10,6 @@ median over `--repeats` passes, and the speed-up of JPEG draft decoding (decodin
 scale when the output is smaller than the photo) over a full decode, measured in the same run.
 """
 
-import argparse
 import io
 import json
 import os
@@ -24,6 +23,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from vlretrieval import arguments  # noqa: E402
 from vlretrieval.data import images, pipeline  # noqa: E402
 from vlretrieval.data.tokenizer import TextTokenizer, train_wordpiece_tokenizer  # noqa: E402
 
@@ -66,11 +66,11 @@ def timed_pass(dataset, batches: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=256)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser = arguments.OneLineParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=arguments.positive_int, default=256)
+    parser.add_argument("--size", type=arguments.positive_int, default=224)
+    parser.add_argument("--batch", type=arguments.positive_int, default=32)
+    parser.add_argument("--repeats", type=arguments.positive_int, default=5)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     tokenizer = TextTokenizer(train_wordpiece_tokenizer(iter(WORDS * 50), vocab_size=200))
@@ -122,4 +122,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    arguments.run(main)

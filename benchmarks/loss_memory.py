@@ -15,7 +15,6 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import argparse  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 
@@ -24,7 +23,10 @@ import jax.numpy as jnp  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vlretrieval import parallel  # noqa: E402
+from vlretrieval import (
+    arguments,  # noqa: E402
+    parallel,  # noqa: E402
+)
 
 
 def temporary_bytes(loss_fn, mesh, global_batch: int, dim: int, scalars: int) -> int:
@@ -32,16 +34,16 @@ def temporary_bytes(loss_fn, mesh, global_batch: int, dim: int, scalars: int) ->
     replicated = parallel.replicated(mesh)
     embeddings = jax.ShapeDtypeStruct((global_batch, dim), jnp.float32, sharding=sharding)
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
-    arguments = (embeddings, embeddings) + (scalar,) * scalars
-    grad_fn = jax.jit(jax.value_and_grad(loss_fn, argnums=tuple(range(len(arguments)))))
-    compiled = grad_fn.lower(*arguments).compile()
+    inputs = (embeddings, embeddings) + (scalar,) * scalars
+    grad_fn = jax.jit(jax.value_and_grad(loss_fn, argnums=tuple(range(len(inputs)))))
+    compiled = grad_fn.lower(*inputs).compile()
     return int(compiled.memory_analysis().temp_size_in_bytes)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--global_batch", type=int, nargs="+", default=[4096])
-    parser.add_argument("--dim", type=int, default=512)
+    parser = arguments.OneLineParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--global_batch", type=arguments.positive_int, nargs="+", default=[4096])
+    parser.add_argument("--dim", type=arguments.positive_int, default=512)
     args = parser.parse_args()
     variants = {
         "softmax": (lambda losses: lambda i, t, s: losses.softmax_contrastive_loss(i, t, s)[0], 1),
@@ -75,4 +77,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    arguments.run(main)

@@ -12,7 +12,6 @@ workdir is reused (it is only evaluated again). Extra arguments go to every run 
 --config.train.num_steps=200).
 """
 
-import argparse
 import json
 import os
 import statistics
@@ -23,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from runs import train_and_read_results
 
+from vlretrieval import arguments
 from vlretrieval.data.builders.captions import LOW_RESOURCE_LANGUAGE
 from vlretrieval.evaluation.report import format_table
 
@@ -46,7 +46,7 @@ def summary(mean_recall: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = arguments.OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="workdir/mural_lowres")
     parser.add_argument("--data_dir", default="data")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -71,4 +71,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    arguments.run(main)

@@ -11,7 +11,6 @@ process's peak RSS from just before the gallery is created, against the gallery'
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -22,6 +21,9 @@ import sys
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from vlretrieval import arguments  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -240,17 +242,17 @@ def _current_rss() -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--queries", type=int, default=5000)
-    parser.add_argument("--gallery", type=int, default=100_000)
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--query_chunk", type=int, default=512)
-    parser.add_argument("--gallery_chunk", type=int, default=32768)
-    parser.add_argument("--slab_rows", type=int, default=131072)
+    parser = arguments.OneLineParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--queries", type=arguments.positive_int, default=5000)
+    parser.add_argument("--gallery", type=arguments.positive_int, default=100_000)
+    parser.add_argument("--dim", type=arguments.positive_int, default=256)
+    parser.add_argument("--k", type=arguments.positive_int, default=10)
+    parser.add_argument("--query_chunk", type=arguments.positive_int, default=512)
+    parser.add_argument("--gallery_chunk", type=arguments.positive_int, default=32768)
+    parser.add_argument("--slab_rows", type=arguments.positive_int, default=131072)
     parser.add_argument("--score_dtype", default="float32")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--memory_gallery", type=int, default=1_000_000)
+    parser.add_argument("--repeats", type=arguments.positive_int, default=5)
+    parser.add_argument("--memory_gallery", type=arguments.positive_int, default=1_000_000)
     parser.add_argument("--memory_queries", type=int, default=500)
     parser.add_argument("--only", choices=("speed", "memory"))
     parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results_search_speed_cpu.json"))
@@ -276,4 +278,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    arguments.run(main)

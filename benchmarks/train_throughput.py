@@ -23,7 +23,6 @@ Accelerator suite: the B/16 step in bfloat16 at the largest batch that fits (hal
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -41,7 +40,11 @@ import numpy as np  # noqa: E402
 from jax._src.ad_checkpoint import saved_residuals  # noqa: E402  (print_saved_residuals' data)
 
 from configs.demo import get_config, transformer  # noqa: E402
-from vlretrieval import parallel, throughput  # noqa: E402
+from vlretrieval import (  # noqa: E402
+    arguments,  # noqa: E402
+    parallel,
+    throughput,
+)
 from vlretrieval.models import build_model  # noqa: E402
 from vlretrieval.objectives import make_objective  # noqa: E402
 from vlretrieval.state import create_train_state, make_optimizer  # noqa: E402
@@ -309,12 +312,12 @@ def largest_batch_throughput(dims, vocab, max_batch, steps, repeats, output) -> 
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = arguments.OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", choices=("cpu", "accelerator", "smoke"), default="cpu")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=5, help="steps per timed repeat")
-    parser.add_argument("--torch_threads", type=int, default=2)
-    parser.add_argument("--max_batch", type=int, default=1024, help="accelerator suite")
+    parser.add_argument("--repeats", type=arguments.positive_int, default=7)
+    parser.add_argument("--steps", type=arguments.positive_int, default=5, help="steps per timed repeat")
+    parser.add_argument("--torch_threads", type=arguments.positive_int, default=2)
+    parser.add_argument("--max_batch", type=arguments.positive_int, default=1024, help="accelerator suite")
     parser.add_argument("--skip", nargs="*", default=(),
                         choices=("versus_torch", "compile_time", "memory"))
     parser.add_argument("--output", default="", help="also append the JSON lines to this file")
@@ -349,4 +352,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    arguments.run(main)

@@ -127,6 +127,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.preemption_check_every = 10
     # The chip's dense peak TFLOP/s for MFU in the logs (0: looked up for known GPUs and TPUs).
     config.train.peak_tflops = 0.0
+    # A softmax-contrastive run whose loss sits at ln(batch) with ~0 gradient norm for several
+    # logged steps has collapsed (vlretrieval/collapse.py): a warning, or with this an error.
+    config.train.stop_on_collapse = False
 
     # Each term's weight (0 = off) and its settings; the terms: vlretrieval/objectives/terms.py.
     config.objectives = ml_collections.ConfigDict(
@@ -187,9 +190,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # checkpoints/<step>); empty = the evaluated checkpoint itself.
     config.eval.joint_from = ""
     config.eval.max_images = 0  # evaluate on the first N images only (0 = all): joint mode is O(N^2)
+    # eval / index / search: the checkpoint step to use (0 = the latest). A latest checkpoint that
+    # cannot be read is an error unless `fallback` (then the newest readable one, with a warning).
+    config.eval.step = 0
+    config.eval.fallback = False
     # Metrics reported in towers mode (vlretrieval/metrics.py): recall, rank, mean_recall,
     # paired_recall, map, map_at_r, hamming.
     config.eval.metrics = ("recall", "rank", "mean_recall")
+    config.eval.ties = "index"  # ties with negatives: index | pessimistic | optimistic | expected (docs/search.md)
     # Exact top-k / ranks by blocks on the device: memory O(query_chunk x gallery_chunk).
     config.eval.query_chunk = 1024
     config.eval.gallery_chunk = 16384

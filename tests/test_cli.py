@@ -104,7 +104,7 @@ def test_batch_mesh_and_objectives_that_cannot_run(tmp_path, override, fragment)
     ("--config.model.attention=flash", "config.model.attention is 'flash'"),
     ("--config.model.transformer.remat=dots_savable", "unknown remat 'dots_savable'"),
     ("--config.model.attention=cudnn", "config.model.attention=cudnn needs a GPU"),
-    ("--config.train.preemption_check_every=0", "preemption_check_every must be a positive"),
+    ("--config.train.preemption_check_every=0", "preemption_check_every is 0; it must be an integer, 1 or more"),
 ])
 def test_unknown_precision_attention_or_remat_is_refused_before_any_work(tmp_path, override, fragment):
     result = run_cli("train", "--config", "configs/demo.py:tiny", "--workdir", str(tmp_path / "w"),

@@ -101,6 +101,22 @@ def test_the_fail_policy_names_the_file_and_leaves_no_dataset(tmp_path):
     assert not glob.glob(str(tmp_path / "data" / "image_captions" / "*" / "*"))  # nothing left
 
 
+def test_a_split_with_no_usable_record_names_the_counts_and_the_images_folder(tmp_path):
+    # The usual cause: config.data.images_dir points at the wrong folder, so every image is missing.
+    fixture = make_karpathy(tmp_path / "source")
+    empty = tmp_path / "elsewhere"
+    empty.mkdir()
+    result = run_cli(
+        "prepare-data", "--config", "configs/demo.py", "--data_dir", str(tmp_path / "data"),
+        "--config.data.name=karpathy", f"--config.data.manual_dir={fixture.source_dir}",
+        f"--config.data.images_dir={empty}", "--config.data.tokenizer=unused",
+    )
+    assert_one_line_error(result, "none of its", "records is usable", "x missing image", str(empty),
+                          "config.data.images_dir")
+    assert "No examples were yielded" not in result.stderr
+    assert not glob.glob(str(tmp_path / "data" / "image_captions" / "*" / "*"))  # nothing left
+
+
 def test_bad_layout_options_are_one_line_errors(tmp_path):
     fixture = make_karpathy(tmp_path / "source")
     with pytest.raises(UserError, match="choose one of"):

@@ -160,6 +160,25 @@ def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_parameters(data_dir,
     assert logged_steps(workdir) == list(range(1, 13))  # one clean trajectory, no repeats
 
 
+def test_ctrl_c_during_a_save_saves_stops_with_one_line_and_resumes_exactly(data_dir, uninterrupted, tmp_path):
+    # Ctrl-C while the step-3 checkpoint is being written: the save completes, the run goes on
+    # to the next stop check (step 10), saves there and exits 130 with one line on stderr.
+    workdir = str(tmp_path / "interrupted")
+    process = subprocess.run(
+        [sys.executable, "-m", "vlretrieval.cli", "train", *TINY, *RESUME_RUN, "--workdir", workdir,
+         "--data_dir", data_dir], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env=environment(1, VLRETRIEVAL_TEST_INTERRUPT_DURING_SAVE_AT_STEP="3"),
+    )
+    assert process.returncode == 130, process.stderr
+    lines = process.stderr.strip().splitlines()
+    assert len(lines) <= 2 and "warning: interrupted (Ctrl-C) at step 10" in lines[-1], process.stderr
+    assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())[-1] == 10
+    resumed = vlretrieval("train", *TINY, *RESUME_RUN, "--workdir", workdir, "--data_dir", data_dir)
+    output = finish(resumed)
+    assert resumed.returncode == 0 and "resuming from the checkpoint at step 10" in output, output
+    assert_params_equal(saved_params(workdir, 12), saved_params(uninterrupted, 12), atol=1e-6)
+
+
 def test_sigterm_saves_a_checkpoint_at_the_step_it_arrived(data_dir, tmp_path):
     workdir = str(tmp_path / "preempted")
     process = vlretrieval("train", *TINY, "--config.train.num_steps=100000",

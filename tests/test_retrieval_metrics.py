@@ -82,7 +82,7 @@ def test_hamming_retrieval_ranks_by_sign_agreement_not_cosine():
     assert result["hamming"]["image_to_text"]["mAP"] == 100.0
     # Ties in Hamming distance count against the model: all-positive codes everywhere -> 0.
     same = np.ones((2, 4), np.float32)
-    tied = metrics.bidirectional_metrics(same, same, owners, (1,), ("hamming",))
+    tied = metrics.bidirectional_metrics(same, same, owners, (1,), ("hamming",), ties="pessimistic")
     assert tied["hamming"]["text_to_image"]["R@1"] == 0.0
 
 

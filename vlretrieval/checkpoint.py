@@ -34,8 +34,13 @@ class Checkpointer:
     """One run's checkpoints: asynchronous saves, last-K + best-K retention, resumable restore."""
 
     def __init__(self, workdir: str, keep_last: int = 3, keep_best: int = 0,
-                 best_metric: str = "mean_recall"):
+                 best_metric: str = "mean_recall", read_only: bool = False):
+        """`read_only` (evaluation): nothing in the folder is created, cleaned up, renamed or
+        deleted, whatever is found there."""
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.read_only = read_only
+        if read_only and not os.path.isdir(self.directory):
+            raise UserError(f"no checkpoint in {self.directory}; train first or pass --workdir")
         policies = [checkpoint_managers.LatestN(keep_last)]
         if keep_best:
             # Higher is better (a recall): BestN keeps the end of the ascending order.
@@ -53,8 +58,9 @@ class Checkpointer:
                 "data_state": ocp.JsonCheckpointHandler(),
             },
             options=ocp.CheckpointManagerOptions(
-                create=True,
-                cleanup_tmp_directories=True,  # what a save killed half-way left behind
+                # Read-only without orbax's read_only option, which warns twice at every start.
+                create=not read_only,
+                cleanup_tmp_directories=not read_only,  # what a save killed half-way left behind
                 preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
             ),
         )
@@ -103,26 +109,44 @@ class Checkpointer:
 
     def _restore_json(self, step: int, item: str) -> Any:
         """One JSON item of the checkpoint at `step`, or None if it was saved without it."""
-        if item not in self.manager.item_metadata(step):
-            return None
-        return self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
+        try:
+            if item not in self.manager.item_metadata(step):
+                return None
+            return self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
+        except Exception as error:  # a damaged metadata or JSON file: one line, not a traceback
+            raise UserError(
+                f"checkpoint {self.directory}/{step} cannot be read ({item}): {_storage_error(error)}"
+            ) from None
 
-    def restore_latest(self, state_template: Any) -> tuple[int, Any]:
-        """(step, state) of the latest checkpoint that can be read. A later one that cannot is
-        set aside with a warning; if none can, the latest's error is raised."""
+    def restore_latest(
+        self, state_template: Any, *, step: int | None = None, fallback: bool = True
+    ) -> tuple[int, Any]:
+        """(step, state) of the checkpoint at `step`, or else of the latest one.
+
+        A latest checkpoint that cannot be read: with `fallback` the newest readable one is used,
+        with one warning line (a training run also sets the unreadable ones aside, so it can save
+        those steps again; a read-only one leaves them); without, one error naming the step.
+        """
         steps = self.all_steps()
         if not steps:
             raise UserError(f"no checkpoint in {self.directory}; train first or pass --workdir")
+        if step is not None:
+            if step not in steps:
+                raise UserError(f"no checkpoint at step {step} in {self.directory}; it has steps {steps}")
+            return step, self._restore_step(state_template, step)
         first_error = None
-        for position, step in enumerate(reversed(steps)):
+        for position, candidate in enumerate(reversed(steps)):
             try:
-                state = self._restore_step(state_template, step)
+                state = self._restore_step(state_template, candidate)
             except UserError as error:
+                if not fallback:
+                    older = f"; pass --step {steps[-2]} or --fallback to use an older one" if len(steps) > 1 else ""
+                    raise UserError(f"{error}{older}") from None
                 first_error = first_error or error
                 continue
             for unreadable in steps[len(steps) - position:]:
-                self._set_aside(unreadable, first_error)
-            return step, state
+                self._skip(unreadable, first_error, candidate)
+            return candidate, state
         raise first_error
 
     def _restore_step(self, state_template: Any, step: int) -> Any:
@@ -155,14 +179,17 @@ class Checkpointer:
             ) from None
         except Exception as error:  # orbax / tensorstore raise many types for damaged files
             raise UserError(
-                f"checkpoint {self.directory}/{step} cannot be read: {first_line(error)}"
+                f"checkpoint {self.directory}/{step} cannot be read: {_storage_error(error)}"
             ) from None
         return restored.state
 
-    def _set_aside(self, step: int, error: Exception) -> None:
-        """Renames an unreadable checkpoint out of orbax's sight (kept for inspection), so the
-        resumed run can save that step again."""
+    def _skip(self, step: int, error: Exception, used: int) -> None:
+        """One warning line for a checkpoint that cannot be read. A training run renames it out of
+        orbax's sight (kept for inspection), so the resumed run can save that step again."""
         source = os.path.join(self.directory, str(step))
+        if self.read_only:
+            log.warning(f"{error}; using step {used} (--fallback)")
+            return
         target = f"{source}.unreadable-{int(time.time())}"
         if jax.process_index() == 0:
             os.rename(source, target)
@@ -248,3 +275,8 @@ def load_params(path: str, params_template: Any) -> Any:
     return traverse_util.unflatten_dict(
         {name: jnp.asarray(saved_leaves[name], leaf.dtype) for name, leaf in template_leaves.items()}, sep="/"
     )
+
+
+def _storage_error(error: Exception) -> str:
+    """The first line of an orbax / TensorStore error, without TensorStore's repr of its spec."""
+    return first_line(error).split(" See full TensorStore details")[0]

@@ -8,12 +8,14 @@ one `error: ...` line and exit status 2; anything else is a bug and keeps its tr
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import os
 import sys
 
+from vlretrieval.arguments import OneLineParser
 from vlretrieval.errors import UserError
-from vlretrieval.preemption import PREEMPTED_EXIT_STATUS, Preempted
+from vlretrieval.preemption import Preempted
 
 log = logging.getLogger("vlretrieval.cli")  # not __name__: run as `python -m`, that is __main__
 
@@ -57,6 +59,19 @@ def _with_hosts(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return sub
 
 
+def _with_checkpoint_choice(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    sub.add_argument(
+        "--step", type=int,
+        help="the checkpoint step to use (default: the latest): shorthand for --config.eval.step",
+    )
+    sub.add_argument(
+        "--fallback", action="store_true",
+        help="if the latest checkpoint cannot be read, use the newest one that can (default: "
+        "fail naming the damaged step): shorthand for --config.eval.fallback=true",
+    )
+    return sub
+
+
 def _add_eval_arguments(evaluate: argparse.ArgumentParser) -> None:
     evaluate.add_argument(
         "--mode",
@@ -86,7 +101,7 @@ def _add_search_arguments(search_command: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="vlretrieval",
         description="Image-text retrieval in JAX/Flax: train, evaluate and inspect models.",
         epilog="Override any config field with --config.SECTION.KEY=VALUE, e.g. "
@@ -98,17 +113,17 @@ def _parser() -> argparse.ArgumentParser:
     _with_hosts(_with_init_from(_command(
         commands, "train", "Train (resuming from the latest checkpoint in --workdir), then evaluate."
     )))
-    _add_eval_arguments(_with_hosts(_command(
+    _add_eval_arguments(_with_checkpoint_choice(_with_hosts(_command(
         commands, "eval", "Evaluate the latest checkpoint in --workdir and write results.json."
-    )))
+    ))))
     _with_hosts(_command(commands, "demo", "Train and evaluate the demo end to end and print the results table."))
-    index_command = _with_hosts(_command(
+    index_command = _with_checkpoint_choice(_with_hosts(_command(
         commands, "index", "Embed the images of config.eval.split with the latest checkpoint in "
-        "--workdir and save them as an index (safetensors: embeddings, item ids, step, config hash)."))
+        "--workdir and save them as an index (safetensors: embeddings, item ids, step, config hash).")))
     index_command.add_argument("--output", required=True, help="the index file to write")
-    _add_search_arguments(_with_hosts(_command(
+    _add_search_arguments(_with_checkpoint_choice(_with_hosts(_command(
         commands, "search", "Embed text queries with the latest checkpoint in --workdir and print "
-        "each one's top k items of a saved index, one JSON line per query.")))
+        "each one's top k items of a saved index, one JSON line per query."))))
     convert_help = ("Convert checkpoints: a Hugging Face folder (BertModel, XLMRobertaModel, "
                     "ViTModel, CLIPModel, ViltModel) to a vlretrieval run folder, or a "
                     "vlretrieval checkpoint's towers to a Hugging Face folder.")
@@ -154,15 +169,23 @@ def run(argv: list[str]) -> int:
         overrides.insert(0, f"eval.mode={args.mode}")
     if getattr(args, "joint_from", None):
         overrides.insert(0, f"eval.joint_from={args.joint_from}")
-    if getattr(args, "shortlist", None):
+    if getattr(args, "shortlist", None) is not None:
         overrides.insert(0, f"eval.shortlist={args.shortlist}")
     if getattr(args, "eval_index", None):
         overrides.insert(0, f"eval.index={args.eval_index}")
+    if getattr(args, "step", None) is not None:
+        overrides.insert(0, f"eval.step={args.step}")
+    if getattr(args, "fallback", False):
+        overrides.insert(0, "eval.fallback=true")
 
     # Imports after argument parsing: `--help` stays instant, and JAX starts only when needed.
     from vlretrieval.config import load_config
+    from vlretrieval.config_checks import check_config
 
     config = load_config(args.config, overrides)
+    check_config(config)  # every command: bad settings fail before any data is built or file written
+    if args.command == "search" and args.k < 1:
+        raise UserError(f"--k is {args.k}; it must be 1 or more")
     if args.command == "prepare-data":
         from vlretrieval.data import datasets
 
@@ -218,7 +241,29 @@ def run(argv: list[str]) -> int:
     raise AssertionError(args.command)
 
 
+def _closed_loop(error: BaseException | None) -> bool:
+    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+def _drop_abandoned_reads(unraisable) -> None:
+    if inspect.iscoroutine(unraisable.object) or _closed_loop(unraisable.exc_value):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+def _quiet_abandoned_reads() -> None:
+    """When a checkpoint read fails, orbax abandons its other asynchronous reads, and three kinds
+    of report follow, up to thousands of lines burying the one `error:` line: Python's
+    "Exception ignored in: <coroutine ...>" for each unawaited read, asyncio's "Future exception
+    was never retrieved" for their futures, and TensorStore's threads completing into the closed
+    event loop ("Event loop is closed", reported as unraisable from their callbacks). Those three
+    are dropped; anything else is reported as usual."""
+    sys.unraisablehook = _drop_abandoned_reads
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+
+
 def main(argv: list[str] | None = None) -> None:
+    _quiet_abandoned_reads()
     try:
         code = run(sys.argv[1:] if argv is None else argv)
     except UserError as error:
@@ -226,10 +271,18 @@ def main(argv: list[str] | None = None) -> None:
         code = 2
     except Preempted as stopped:
         log.warning(str(stopped))
-        code = PREEMPTED_EXIT_STATUS
+        code = stopped.exit_status
     except KeyboardInterrupt:
         log.error("interrupted")
         code = 130
+    if code in (2, 130) and argv is None:
+        # A failed run as a command: TensorStore's threads may still be reading (a damaged
+        # checkpoint) and print tracebacks into a closed event loop while Python tears down.
+        # Nothing is left to finish (the trainer waits for its saves before an error leaves
+        # it), so the one error line is the last word.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
 
 

@@ -22,13 +22,15 @@ from vlretrieval import config as config_lib
 from vlretrieval import objectives, parallel, preemption, throughput
 from vlretrieval.accumulate import accumulated_value_and_grad
 from vlretrieval.checkpoint import Checkpointer, has_checkpoint
+from vlretrieval.collapse import CollapseWatch
+from vlretrieval.config_checks import check_config
 from vlretrieval.convert.initialise import initial_params
 from vlretrieval.data import datasets, pipeline
 from vlretrieval.data.builders.image_captions import summary
 from vlretrieval.errors import UserError
 from vlretrieval.evaluation import checkpoints
 from vlretrieval.evaluation.report import format_table
-from vlretrieval.files import replaced_atomically
+from vlretrieval.files import check_writable, replaced_atomically
 from vlretrieval.models import build_model
 from vlretrieval.models.factory import parameter_count
 from vlretrieval.negatives import TextNegativeComposer
@@ -93,16 +95,6 @@ def objective_for(model, config: ml_collections.ConfigDict, data, mesh):
     return objective
 
 
-def check_workdir_writable(workdir: str) -> None:
-    """Fail before any work if the workdir could not be created or written; creates nothing."""
-    path = os.path.abspath(workdir)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
-        reason = "is not a directory" if not os.path.isdir(path) else "is not writable"
-        raise UserError(f"workdir {workdir!r} cannot be written: {path} {reason}")
-
-
 class MetricsWriter:
     """Appends one JSON object per logged step to `<workdir>/metrics.jsonl`."""
 
@@ -157,12 +149,11 @@ class _Run:
 
 def _checked_run(config: ml_collections.ConfigDict, workdir: str) -> _Run:
     """Every input checked and every piece built, in the order that fails cheapest first."""
-    check_workdir_writable(workdir)
-    check_every = config.train.preemption_check_every
-    if not isinstance(check_every, int) or check_every < 1:
-        raise UserError(f"config.train.preemption_check_every must be a positive integer, got {check_every!r}")
+    check_config(config)
+    check_writable(workdir, "workdir", directory=True)
     build_model(config.model, vocab_size=1)  # a bad model option fails before data is prepared
     data = datasets.open_dataset(config.data, seed=config.seed)  # bad data fails before any write
+    data.split(config.eval.split)  # an evaluation split the dataset lacks fails now, not after training
     mesh = parallel.make_mesh(config.train.num_devices or None)
     parallel.check_batch_divisible(config.train.batch_size, mesh, "config.train.batch_size")
     model = build_model(config.model, data.tokenizer.vocab_size)
@@ -241,7 +232,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
         # the position.
         saved = checkpointer.restore_data_state(start_step)
         batches.set_state(saved or {name: {"next_index": start_step} for name in batches.iterators})
-    state = _loop(config, workdir, run, step_fn, state, batches, checkpointer, start_step, progress)
+    try:
+        state = _loop(config, workdir, run, step_fn, state, batches, checkpointer, start_step, progress)
+    finally:  # whatever stops the run (the end, a signal, a diverged loss), no save is cut short
+        checkpointer.wait()
+        checkpointer.close()
     return run.model, state.params, run.data
 
 
@@ -254,8 +249,8 @@ def _loop(config, workdir, run: _Run, step_fn, state, batches, checkpointer, sta
     bar = tqdm(
         total=num_steps, initial=start_step, unit="step", disable=not progress or start_step >= num_steps
     )
-    meter = None
-    with preemption.SigtermGuard() as sigterm:
+    meter, collapse_watch = None, CollapseWatch(config)
+    with preemption.StopSignalGuard() as stop_signal:
         for step in range(start_step + 1, num_steps + 1):
             batch = parallel.global_batch(next(batches), run.mesh)
             if meter is None:
@@ -264,11 +259,13 @@ def _loop(config, workdir, run: _Run, step_fn, state, batches, checkpointer, sta
             is_last = step == num_steps
             # Every N steps, not every step: on several hosts the check is a collective, and one
             # per step would stall asynchronous dispatch. All hosts check at the same steps.
-            preempted = step % check_every == 0 and sigterm.requested()
+            preempted = step % check_every == 0 and stop_signal.requested()
             saving = step % config.train.checkpoint_every == 0 or is_last or preempted
             if step % config.train.log_every == 0 or saving:
                 metrics = {key: float(value) for key, value in jax.device_get(metrics).items()}
                 _check_finite(metrics, step)
+                if warning := collapse_watch.observe(step, metrics):
+                    log.warning(warning)
                 metrics.update(meter.mark(step))
                 writer.write({"step": step, **metrics})
                 # Advanced only here, where the device has finished the steps: per dispatched step
@@ -292,12 +289,8 @@ def _loop(config, workdir, run: _Run, step_fn, state, batches, checkpointer, sta
                 log.info(f"epoch {step // epoch_steps} done: preparation {summary(data.bad_records)}")
             if preempted:
                 bar.close()
-                checkpointer.wait()
-                checkpointer.close()
-                raise preemption.Preempted(step, checkpointer.directory)
+                raise preemption.Preempted(step, checkpointer.directory, stop_signal.signum)
     bar.close()
-    checkpointer.wait()
-    checkpointer.close()
     return state
 
 
@@ -354,7 +347,7 @@ def train_and_evaluate(
     """Train, then evaluate on `config.eval.split`; writes results.json and prints the table."""
     started = time.perf_counter()
     model, params, data = train(config, workdir, progress=progress)
-    results = checkpoints.evaluate_checkpoint(config, workdir, model, params, data)
+    results = checkpoints.evaluate_checkpoint(config, workdir, model, params, data, step=config.train.num_steps)
     results["wall_seconds"] = time.perf_counter() - started
     log.info(format_table(results, config.eval.recall_at))
     return results

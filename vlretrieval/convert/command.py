@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 from vlretrieval.errors import UserError
+from vlretrieval.files import check_writable
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,9 @@ def run_convert(args: argparse.Namespace, overrides: list[str]) -> int:
         from vlretrieval.convert import architectures, hf_in, native
 
         config = load_config(args.config, overrides)
+        if os.path.exists(args.to):  # before reading and converting the source, not after
+            raise UserError(f"--to {os.path.abspath(args.to)} already exists; choose a new folder")
+        check_writable(args.to, "--to", directory=True)
         base = architectures.complete_section(config.model.to_dict())
         converted = hf_in.convert_folder(
             path, base, image_size=args.image_size, max_text_length=args.max_text_length

@@ -17,6 +17,7 @@ import numpy as np
 from vlretrieval.convert import architectures, native
 from vlretrieval.convert.rules import to_hf
 from vlretrieval.errors import UserError
+from vlretrieval.files import check_writable
 
 POOLERS = {"bert": ("text_pooler", "text_transformer"), "vit": ("image_pooler", "image_transformer")}
 
@@ -29,6 +30,7 @@ def export(checkpoint: str, outdir: str, arch: str) -> list[str]:
     outdir = os.path.abspath(outdir)
     if os.path.exists(outdir):
         raise UserError(f"--to-hf {outdir} already exists; choose a new folder")
+    check_writable(outdir, "--to-hf", directory=True)
     params, config = native.read_checkpoint(checkpoint)
     model = architectures.complete_section(config["model"])
     architectures.check_exportable(arch, model, checkpoint)

@@ -20,6 +20,7 @@ from vlretrieval.data import datasets, pipeline
 from vlretrieval.evaluation import index as index_file
 from vlretrieval.evaluation import metrics, report
 from vlretrieval.evaluation.evaluate import evaluate_split, subset, write_results
+from vlretrieval.files import check_writable
 from vlretrieval.models import build_model
 from vlretrieval.state import create_train_state, make_optimizer
 
@@ -34,14 +35,20 @@ def evaluation_split(config: ml_collections.ConfigDict, data) -> dict[str, Any]:
 
 
 def restore_for_evaluation(config: ml_collections.ConfigDict, workdir: str):
-    """(model, params, data, step) of the latest checkpoint in `workdir`, built from `config`.
+    """(model, params, data, step) of the checkpoint in `workdir` that `config.eval.step` names
+    (0: the latest; an unreadable latest one only gives way to an older one with
+    `config.eval.fallback`), built from `config`.
     Prints `config_lib.evaluated_config_note` where the config's data or model settings differ
     from the checkpoint's."""
     data = datasets.open_dataset(config.data, seed=config.seed)
     model = build_model(config.model, data.tokenizer.vocab_size)
     tx, _ = make_optimizer(config.optimizer, config.train.num_steps)
-    checkpointer = Checkpointer(workdir)
-    step, state = checkpointer.restore_latest(create_train_state(model, tx, config.seed))
+    # Read-only: evaluation never renames, cleans up or deletes anything in the run's folder.
+    checkpointer = Checkpointer(workdir, read_only=True)
+    step, state = checkpointer.restore_latest(
+        create_train_state(model, tx, config.seed), step=config.eval.step or None,
+        fallback=config.eval.fallback,
+    )
     note = config_lib.evaluated_config_note(checkpointer.saved_config(step), config, step)
     checkpointer.close()
     if note:
@@ -50,11 +57,13 @@ def restore_for_evaluation(config: ml_collections.ConfigDict, workdir: str):
 
 
 def evaluate_checkpoint(
-    config: ml_collections.ConfigDict, workdir: str, model=None, params=None, data=None
+    config: ml_collections.ConfigDict, workdir: str, model=None, params=None, data=None, step=None
 ) -> dict[str, Any]:
-    """Evaluate `params` (or the latest checkpoint in `workdir`) on `config.eval.split`."""
+    """Evaluate `params` at `step` (or the checkpoint in `workdir` that `config.eval` names) on
+    `config.eval.split`; results.json records the step and the model config's hash."""
+    check_writable(workdir, "workdir", directory=True)  # results go there: fail before the work
     if model is None:
-        model, params, data, _ = restore_for_evaluation(config, workdir)
+        model, params, data, step = restore_for_evaluation(config, workdir)
     joint_params = None
     if config.eval.joint_from and config.eval.mode != "towers":
         joint_params = load_params(config.eval.joint_from, params)
@@ -78,6 +87,7 @@ def evaluate_checkpoint(
         joint_params=joint_params,
         rerank_tower_weight=config.eval.rerank_tower_weight,
         metrics=metrics.check_metrics(config.eval.metrics),
+        ties=metrics.check_ties(config.eval.ties),
         image_embeddings=None if saved_index is None else index_file.gallery_for_split(
             saved_index, config.eval.index, len(split["images"])),
         check_queries=None if saved_index is None else index_file.query_checker(saved_index, config.eval.index),
@@ -85,6 +95,8 @@ def evaluate_checkpoint(
                             score_dtype=config.eval.score_dtype),
     )
     results["split"] = config.eval.split
+    results["step"] = None if step is None else int(step)
+    results["config_hash"] = index_file.config_hash(config.model)
     if saved_index is not None:
         results["index"] = {"path": config.eval.index, "step": saved_index.step,
                             "config_hash": saved_index.config_hash}
@@ -103,5 +115,6 @@ def evaluate_during_training(config, model, params, data, mesh) -> dict[str, flo
     results = evaluate_split(
         model, params, split, data.tokenizer, mesh=mesh, batch_size=config.eval.batch_size,
         max_text_length=config.data.max_text_length, recall_at=config.eval.recall_at,
+        ties=metrics.check_ties(config.eval.ties),
     )
     return {"mean_recall": results["average"]["mean_recall"]}

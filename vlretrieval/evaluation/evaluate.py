@@ -2,8 +2,8 @@
 device by blocks (`search.py`), report the metrics chosen in the config (`metrics.py`).
 
 Every query and every gallery item has an *owner* (the image it belongs to); a gallery item is a
-positive for a query iff their owners match (see `metrics.py` for the rank convention: ties count
-against the model, image -> text hits when any caption is in the top K).
+positive for a query iff their owners match (see `metrics.py` for the rank convention: ties with
+negatives counted by the tie policy `ties`, image -> text hits when any caption is in the top K).
 """
 
 from __future__ import annotations
@@ -25,9 +25,11 @@ from vlretrieval.data.tokenizer import TextTokenizer
 from vlretrieval.evaluation import rerank
 from vlretrieval.evaluation.metrics import (  # noqa: F401  (the public names callers import from here)
     DEFAULT_METRICS,
+    DEFAULT_TIES,
     DIRECTIONS,
     average_over_languages,
     bidirectional_metrics,
+    check_ties,
     metrics_from_ranks,
     recall_metrics,
 )
@@ -84,6 +86,14 @@ def subset(split: dict[str, Any], max_images: int) -> dict[str, Any]:
     }
 
 
+def _encoders(model, params) -> tuple[Callable, Callable]:
+    """(images -> embeddings, (token ids, mask) -> embeddings), jitted with the parameters as
+    arguments, not closed-over constants baked into the program."""
+    encode_image = jax.jit(lambda p, images: model.apply({"params": p}, images, method=model.encode_image))
+    encode_text = jax.jit(lambda p, ids, mask: model.apply({"params": p}, ids, mask, method=model.encode_text))
+    return (lambda images: encode_image(params, images)), (lambda ids, mask: encode_text(params, ids, mask))
+
+
 def evaluate_split(
     model,
     params,
@@ -100,6 +110,7 @@ def evaluate_split(
     joint_params=None,
     rerank_tower_weight: float = 0.0,
     metrics: Sequence[str] = DEFAULT_METRICS,
+    ties: str = DEFAULT_TIES,
     image_embeddings: np.ndarray | None = None,
     check_queries: Callable[[np.ndarray], None] | None = None,
     search_options: dict[str, Any] | None = None,
@@ -112,24 +123,20 @@ def evaluate_split(
     default `params`) are the weights that score pairs: e.g. the joint model before decomposition,
     re-ranking the shortlist of the decomposed towers. `rerank_tower_weight` > 0 re-orders by
     joint log-odds + weight x tower cosine (score fusion) instead of the joint score alone.
-    `metrics` picks the towers-mode metrics (`metrics.METRICS`); `image_embeddings` (e.g. from a
+    `metrics` picks the towers-mode metrics (`metrics.METRICS`); `ties` is the tie policy of every
+    mode's ranks (`metrics.TIES`, recorded in the results); `image_embeddings` (e.g. from a
     saved index) replace embedding the images, and `check_queries` may refuse the text
     embeddings that cannot be compared with them; `search_options` go to `search.ranks`.
     """
     if mode not in MODES:
         raise ValueError(f"unknown evaluation mode {mode!r}; choose one of {MODES}")
+    check_ties(ties)
     params = parallel.replicate(params, mesh)
-    # Parameters are jit arguments, not closed-over constants baked into the program.
-    encode_image = jax.jit(lambda p, images: model.apply({"params": p}, images, method=model.encode_image))
-    encode_text = jax.jit(
-        lambda p, ids, mask: model.apply({"params": p}, ids, mask, method=model.encode_text)
-    )
+    encode_image, encode_text = _encoders(model, params)
     images = normalize_images(split["images"])
     image_owners = np.arange(len(images))
     if image_embeddings is None:
-        image_embeddings = embed_in_batches(
-            lambda batch: encode_image(params, batch), [images], batch_size, mesh
-        )
+        image_embeddings = embed_in_batches(encode_image, [images], batch_size, mesh)
     elif len(image_embeddings) != len(images):
         raise ValueError(f"{len(image_embeddings)} image embeddings for {len(images)} images")
     scorer = None
@@ -142,14 +149,12 @@ def evaluate_split(
         texts = [caption for captions in captions_per_image for caption in captions]
         owners = np.repeat(np.arange(len(captions_per_image)), [len(c) for c in captions_per_image])
         token_ids, text_mask = tokenizer.encode(texts, max_text_length)
-        text_embeddings = embed_in_batches(
-            lambda ids, mask: encode_text(params, ids, mask), [token_ids, text_mask], batch_size, mesh
-        )
+        text_embeddings = embed_in_batches(encode_text, [token_ids, text_mask], batch_size, mesh)
         if check_queries is not None:
             check_queries(text_embeddings)
         if mode == "towers":
             per_language[language] = bidirectional_metrics(
-                image_embeddings, text_embeddings, owners, recall_at, metrics, **(search_options or {})
+                image_embeddings, text_embeddings, owners, recall_at, metrics, ties, **(search_options or {})
             )
             continue
         pairs = (token_ids, text_mask, images)
@@ -160,9 +165,10 @@ def evaluate_split(
                 scorer, pairs, text_embeddings @ image_embeddings.T, owners, image_owners,
                 shortlist_size, rerank_tower_weight,
             )
-        per_language[language] = metrics_from_ranks(*ranks, recall_at)
+        per_language[language] = metrics_from_ranks(*ranks, recall_at, ties)
     results = {
         "mode": mode,
+        "ties": ties,
         "num_images": int(len(image_embeddings)),
         "languages": per_language,
         "average": average_over_languages(per_language),

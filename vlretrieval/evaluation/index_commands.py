@@ -19,6 +19,7 @@ from vlretrieval.data import pipeline
 from vlretrieval.errors import UserError
 from vlretrieval.evaluation import evaluate, index, search
 from vlretrieval.evaluation.checkpoints import evaluation_split, restore_for_evaluation
+from vlretrieval.files import check_writable
 
 
 def _item_id(record, position: int) -> str:
@@ -28,6 +29,7 @@ def _item_id(record, position: int) -> str:
 
 def build_index(config: ml_collections.ConfigDict, workdir: str, output: str) -> dict:
     """Embed the evaluation split's images and write them as an index at `output`."""
+    check_writable(output, "--output")  # before minutes of embedding, not after
     model, params, data, step = restore_for_evaluation(config, workdir)
     source = data.split(config.eval.split)
     split = evaluation_split(config, data)
@@ -81,6 +83,10 @@ def read_queries(queries: Sequence[str] | None, queries_file: str | None) -> lis
                 texts += [line.strip() for line in handle if line.strip()]
         except OSError as error:
             raise UserError(f"--queries_file {queries_file}: {error.strerror}") from None
+        except UnicodeDecodeError as error:
+            raise UserError(
+                f"--queries_file {queries_file} is not UTF-8 text (byte {error.start}: {error.reason})"
+            ) from None
     return texts
 
 

@@ -1,19 +1,23 @@
 """Retrieval metrics both ways between images and captions, each selectable by name.
 
 Every query and gallery item has an *owner* (the image it belongs to); a gallery item is a
-positive for a query iff their owners match. A query's rank is the number of negatives that score
-at least as high as its best positive (ties count against the model: a collapsed model scores ~0),
-so text -> image ranks a caption's own image, and image -> text hits at K when *any* of the
-image's captions is in the top K (as CLIP_benchmark).
+positive for a query iff their owners match. A query's rank is the number of negatives ahead of
+its best positive, so text -> image ranks a caption's own image, and image -> text hits at K when
+*any* of the image's captions is in the top K (as CLIP_benchmark). Negatives tied with the best
+positive count by the tie policy `ties` (config `eval.ties`, one of `TIES`): `index` (the default)
+orders ties by gallery index, as CLIP_benchmark's top-k; `pessimistic` counts every tie against the
+model (a collapsed model scores ~0); `optimistic` none; `expected` takes the mean over uniformly
+random orders of the tied items, its R@K the exact hit probability (`hit_rate`).
 
-Metric names (config `eval.metrics`):
+Metric names (config `eval.metrics`), every R@K and rank under the tie policy:
 - `recall`: R@K (percent) for K in `recall_at`, both ways;
 - `rank`: median and mean 1-based rank, both ways;
 - `mean_recall`: the mean of every R@K of both directions;
 - `paired_recall`: R@K on the 1:1 pairs (each image with its first caption only), both ways;
 - `map`, `map_at_r`: mAP and mAP@R (Musgrave et al. 2020) with the owner as the label, both ways
-  (any labels through `average_precision`); ties are ordered by gallery index;
-- `hamming`: R@K and mAP on binary codes (the sign of each coordinate) by Hamming distance.
+  (any labels through `average_precision`); ties are ordered by gallery index whatever `ties`;
+- `hamming`: R@K and mAP on binary codes (the sign of each coordinate) by Hamming distance: integer
+  scores, so many ties (R@K under the tie policy, mAP ties by gallery index).
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from vlretrieval.evaluation import search
 DIRECTIONS = ("text_to_image", "image_to_text")
 METRICS = ("recall", "rank", "mean_recall", "paired_recall", "map", "map_at_r", "hamming")
 DEFAULT_METRICS = ("recall", "rank", "mean_recall")
+TIES = search.TIES
+DEFAULT_TIES = "index"  # agrees with CLIP_benchmark's top-k
 
 
 def check_metrics(names: Sequence[str]) -> tuple[str, ...]:
@@ -40,21 +46,52 @@ def check_metrics(names: Sequence[str]) -> tuple[str, ...]:
     return tuple(names)
 
 
-def recall_metrics(ranks: np.ndarray, recall_at: Sequence[int]) -> dict[str, float]:
-    """R@K in percent, and the median and mean 1-based rank."""
-    metrics = {f"R@{k}": float(np.mean(ranks < k) * 100.0) for k in recall_at}
-    metrics["median_rank"] = float(np.median(ranks) + 1)
-    metrics["mean_rank"] = float(np.mean(ranks) + 1)
+def check_ties(name: str) -> str:
+    if name not in TIES:
+        raise UserError(f"unknown tie policy {name!r} in config.eval.ties; choose from {TIES}")
+    return name
+
+
+def hit_rate(ranks: search.TiedRanks, k: int, ties: str = DEFAULT_TIES) -> np.ndarray:
+    """Each query's chance that its rank is < k: 0 or 1, or for `expected` the probability over
+    uniformly random orders of its tied items. Its rank is then above + X, X the tied negatives
+    ahead of the first of its p tied positives: P(X = x) = C(t + p - 1 - x, p - 1) / C(t + p, p),
+    so P(X >= j) (the first j of the t + p tied items all negatives) = prod_{i < j} (t - i) /
+    (t + p - i), built one factor per position; a hit iff not X >= k - above, so k factors at most."""
+    if ties != "expected":
+        return (ranks.ranks(ties) < k).astype(np.float64)
+    tied, positives = ranks.tied.astype(np.float64), ranks.tied_positives.astype(np.float64)
+    need = k - np.asarray(ranks.above)  # a hit iff X < need
+    miss = np.ones(need.shape)  # P(X >= need)
+    for i in range(int(need.max(initial=0))):
+        factor = np.where(i < tied, (tied - i) / np.maximum(tied + positives - i, 1), 0.0)
+        miss *= np.where(i < need, factor, 1.0)
+    return np.where(need > 0, 1.0 - miss, 0.0)
+
+
+def _tied(ranks) -> search.TiedRanks:
+    return ranks if isinstance(ranks, search.TiedRanks) else search.TiedRanks.exact(ranks)
+
+
+def recall_metrics(ranks, recall_at: Sequence[int], ties: str = DEFAULT_TIES) -> dict[str, float]:
+    """R@K in percent (the mean hit rate), and the median and mean 1-based rank, under the tie
+    policy `ties`; `ranks` are `search.TiedRanks`, or 0-based ranks without ties."""
+    ranks = _tied(ranks)
+    metrics = {f"R@{k}": float(np.mean(hit_rate(ranks, k, ties)) * 100.0) for k in recall_at}
+    policy_ranks = ranks.ranks(ties)
+    metrics["median_rank"] = float(np.median(policy_ranks) + 1)
+    metrics["mean_rank"] = float(np.mean(policy_ranks) + 1)
     return metrics
 
 
 def metrics_from_ranks(
-    text_to_image_ranks: np.ndarray, image_to_text_ranks: np.ndarray, recall_at: Sequence[int]
+    text_to_image_ranks, image_to_text_ranks, recall_at: Sequence[int], ties: str = DEFAULT_TIES
 ) -> dict[str, Any]:
-    """Both directions' recall metrics and their mean recall (the mean of every R@K)."""
+    """Both directions' recall metrics and their mean recall (the mean of every R@K), from
+    `search.TiedRanks` (or 0-based ranks without ties) under the tie policy `ties`."""
     results = {
-        "text_to_image": recall_metrics(text_to_image_ranks, recall_at),
-        "image_to_text": recall_metrics(image_to_text_ranks, recall_at),
+        "text_to_image": recall_metrics(text_to_image_ranks, recall_at, ties),
+        "image_to_text": recall_metrics(image_to_text_ranks, recall_at, ties),
     }
     recalls = [results[d][f"R@{k}"] for d in DIRECTIONS for k in recall_at]
     results["mean_recall"] = float(np.mean(recalls))
@@ -118,12 +155,13 @@ def binary_codes(embeddings: np.ndarray) -> np.ndarray:
     return np.where(np.asarray(embeddings) >= 0, 1.0, -1.0).astype(np.float32)
 
 
-def _both_ways(images, texts, text_owners, recall_at, search_options) -> dict[str, Any]:
+def _both_ways(images, texts, text_owners, recall_at, ties, search_options) -> dict[str, Any]:
     image_owners = np.arange(len(images))
     return metrics_from_ranks(
-        search.ranks(texts, text_owners, images, image_owners, **search_options),
-        search.ranks(images, image_owners, texts, text_owners, **search_options),
+        search.rank_counts(texts, text_owners, images, image_owners, **search_options),
+        search.rank_counts(images, image_owners, texts, text_owners, **search_options),
         recall_at,
+        ties,
     )
 
 
@@ -133,14 +171,16 @@ def bidirectional_metrics(
     text_owners: np.ndarray,
     recall_at: Sequence[int] = (1, 5, 10),
     metrics: Sequence[str] = DEFAULT_METRICS,
+    ties: str = DEFAULT_TIES,
     **search_options,
 ) -> dict[str, Any]:
     """The selected metrics both ways for a gallery of images and captions; `text_owners[j]` is
-    caption j's image. `search_options` go to `search.ranks` (chunk sizes, score dtype, mesh)."""
-    metrics = check_metrics(metrics)
+    caption j's image; R@K and ranks under the tie policy `ties` (`TIES`). `search_options` go to
+    `search.rank_counts` (chunk sizes, score dtype, mesh)."""
+    metrics, ties = check_metrics(metrics), check_ties(ties)
     text_owners = np.asarray(text_owners)
     image_owners = np.arange(len(image_embeddings))
-    full = _both_ways(image_embeddings, text_embeddings, text_owners, recall_at, search_options)
+    full = _both_ways(image_embeddings, text_embeddings, text_owners, recall_at, ties, search_options)
     results: dict[str, Any] = {direction: {} for direction in DIRECTIONS}
     for direction in DIRECTIONS:
         if "recall" in metrics:
@@ -165,12 +205,14 @@ def bidirectional_metrics(
         # 1:1 pairs: each captioned image with its first caption; the positive is that one item.
         captioned, first = np.unique(text_owners, return_index=True)
         paired = _both_ways(
-            image_embeddings[captioned], text_embeddings[first], np.arange(len(first)), recall_at, search_options
+            image_embeddings[captioned], text_embeddings[first], np.arange(len(first)), recall_at, ties,
+            search_options,
         )
         results["paired"] = _recall_only(paired, recall_at)
     if "hamming" in metrics:
         image_codes, text_codes = binary_codes(image_embeddings), binary_codes(text_embeddings)
-        hamming = _recall_only(_both_ways(image_codes, text_codes, text_owners, recall_at, search_options), recall_at)
+        codes = _both_ways(image_codes, text_codes, text_owners, recall_at, ties, search_options)
+        hamming = _recall_only(codes, recall_at)
         hamming["text_to_image"]["mAP"] = average_precision(text_codes, text_owners, image_codes, image_owners)[0]
         hamming["image_to_text"]["mAP"] = average_precision(image_codes, image_owners, text_codes, text_owners)[0]
         results["hamming"] = hamming

@@ -133,15 +133,25 @@ class ImageCaptions(building.LocalBuilder):
         self.bad_records = BadRecords(config.on_bad_record)
         # tfds cannot write an empty split: one that is empty in the files is left out.
         return {
-            split: self._generate_examples(records) for split, records in by_split.items() if records
+            split: self._generate_examples(split, records) for split, records in by_split.items() if records
         }
 
-    def _generate_examples(self, records: list[layouts.SourceRecord]):
+    def _generate_examples(self, split: str, records: list[layouts.SourceRecord]):
+        usable = 0
         for position, record in enumerate(records):
             example = self._checked(record)
             if example is not None:
+                usable += 1
                 # The position keeps keys unique even if a layout lists an image twice.
                 yield f"{position:09d}:{record.image_id}", example
+        if not usable:  # tfds would stop with "No examples were yielded", naming no cause
+            config = self.builder_config
+            where = config.images_dir or f"{config.source_dir} (config.data.images_dir empty)"
+            raise UserError(
+                f"{config.layout} split {split!r}: none of its {len(records)} records is usable "
+                f"({summary(self.bad_records.to_json())[len('skipped '):]}); images are read from "
+                f"{where}: is config.data.images_dir (or manual_dir) the right folder?"
+            )
 
     def _checked(self, record: layouts.SourceRecord) -> dict[str, Any] | None:
         """The example for `record`, or None (counted) if its image or every caption is bad."""

@@ -1,0 +1,190 @@
+"""The catalogue of bad input: every case ends in exit 2 and one `error:` line, before any work.
+
+Each case runs a real command (subprocess, the tiny demo config) against a prepared dataset and a
+trained run, and checks: exit status 2, exactly one line on stderr and it starts `error:`, no
+traceback anywhere, nothing printed as a result, and the data and run folders byte for byte as
+they were (nothing written, renamed or removed). Then the damaged-checkpoint cases: `eval` is
+read-only and names the damaged step; with --fallback it scores the previous one and says which.
+"""
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ("--config", "configs/demo.py:tiny", "--no_progress")
+
+
+def run(*args, cwd=ROOT):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
+                          timeout=300, cwd=cwd)
+
+
+def cli(*args):
+    return run("-m", "vlretrieval.cli", *args)
+
+
+def snapshot(*folders) -> dict[str, str]:
+    """Every file under the folders with its content hash: what a refused command must not touch."""
+    found = {}
+    for folder in folders:
+        for directory, _, names in os.walk(folder):
+            for name in names:
+                path = os.path.join(directory, name)
+                with open(path, "rb") as handle:
+                    found[path] = hashlib.sha256(handle.read()).hexdigest()
+    return found
+
+
+@pytest.fixture(scope="module")
+def run_folders(tmp_path_factory):
+    """(data dir, a trained run's workdir with checkpoints at steps 2 and 4, a scratch dir)."""
+    base = tmp_path_factory.mktemp("bad_input")
+    data, workdir = str(base / "data"), str(base / "run")
+    trained = cli("train", *TINY, "--workdir", workdir, "--data_dir", data,
+                  "--config.train.num_steps=4", "--config.train.checkpoint_every=2")
+    assert trained.returncode == 0, trained.stderr
+    scratch = base / "scratch"
+    scratch.mkdir()
+    (scratch / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    (scratch / "a_file").write_text("not a folder\n")
+    return data, workdir, str(scratch)
+
+
+# (command and arguments, a fragment of the error line); {train} and the others below stand for the
+# command with the tiny config, a workdir and the data dir.
+COMMANDS = {
+    "train": "train {tiny} --workdir {scratch}/w --data_dir {data}",
+    "eval": "eval {tiny} --workdir {run} --data_dir {data}",
+    "index": "index {tiny} --workdir {run} --data_dir {data}",
+    "search": "search {tiny} --workdir {run} --data_dir {data}",
+}
+CASES = [
+    # train: settings checked when the config loads, evaluation-only ones included
+    ("{train} --config.train.num_steps=-5", "config.train.num_steps is -5"),
+    ("{train} --config.train.batch_size=0", "config.train.batch_size is 0"),
+    ("{train} --config.train.log_every=0", "config.train.log_every is 0"),
+    ("{train} --config.train.keep_last=0", "config.train.keep_last is 0"),
+    ("{train} --config.train.best_metric=R@1", "config.train.best_metric"),
+    ("{train} --config.optimizer.learning_rate=0", "learning_rate is 0.0"),
+    ("{train} --config.optimizer.b2=1.5", "config.optimizer.b2 is 1.5"),
+    ("{train} --config.data.crop_scale=(0.8,0.2)", "config.data.crop_scale"),
+    ("{train} --config.data.on_bad_record=ignore", "on_bad_record is 'ignore'"),
+    ("{train} --config.eval.mode=fast", "config.eval.mode is 'fast'"),
+    ("{train} --config.eval.score_dtype=float16", "eval.score_dtype"),
+    ("{train} --config.eval.recall_at=(0,5)", "config.eval.recall_at"),
+    ("{train} --config.eval.metrics=('recall','precision')",
+     "unknown metric 'precision'"),
+    ("{train} --config.eval.split=dev", "split 'dev' is not in the dataset"),
+    ("{train} --config.eval.ties=random", "config.eval.ties is 'random'"),
+    ("{train} --config.objectives.hardest_negative_hinge=-1.0",
+     "hardest_negative_hinge is a weight"),
+    ("{train} --config.objectives.image_mix_fraction=2.0",
+     "image_mix_fraction is 2.0"),
+    ("{train} --config.objectives.contrastiv=1.0", "unknown config key"),
+    ("train {tiny} --workdir {scratch}/a_file --data_dir {data}", "is a file"),
+    ("train --config configs/missing.py --workdir {scratch}/w", "does not exist"),
+    # eval
+    ("{eval} --config.eval.max_images=-1", "config.eval.max_images is -1"),
+    ("{eval} --mode rerank --shortlist 0", "config.eval.shortlist is 0"),
+    ("{eval} --config.eval.batch_size=0", "config.eval.batch_size is 0"),
+    ("{eval} --mode fast", "invalid choice: 'fast'"),
+    ("{eval} --step 3", "no checkpoint at step 3"),
+    ("eval {tiny} --workdir {scratch}/nothing_here --data_dir {data}", "no checkpoint in"),
+    # index and search
+    ("{index} --output {scratch}", "is a directory"),
+    ("{index} --output {scratch}/a_file/index.safetensors", "is not a directory"),
+    ("{index} --output {scratch}/i.safetensors --config.eval.gallery_chunk=0",
+     "config.eval.gallery_chunk is 0"),
+    ("{search} --index {scratch}/i.safetensors --query red --k 0", "--k is 0"),
+    ("{search} --index {scratch}/missing.safetensors --query red", "missing"),
+    ("{search} --index {scratch}/i.safetensors --queries_file {scratch}/latin1.txt",
+     "is not UTF-8 text"),
+    ("{search} --index {scratch}/i.safetensors --queries_file {scratch}/none.txt",
+     "No such file"),
+    # convert
+    ("convert --from hf {scratch}/no_model --to {scratch}/out", "no_model"),
+    ("convert --from vlretrieval {run} --to-hf {scratch}/out --arch gpt", "gpt"),
+    ("convert --from onnx {run} --to {scratch}/out", "onnx"),
+    ("convert --from hf {scratch}/no_model --to {scratch}/a_file", "already exists"),
+    ("convert --from hf {scratch}/no_model --to {scratch}/a_file/out", "is not a directory"),
+    # prepare-data
+    ("prepare-data {tiny} --data_dir {scratch}/d --config.data.num_train=0", "config.data.num_train is 0"),
+    ("prepare-data {tiny} --data_dir {scratch}/d --config.data.max_text_length=1", "max_text_length is 1"),
+    ("prepare-data {tiny} --data_dir {scratch}/d --config.data.languages=()", "config.data.languages"),
+    # benchmark scripts
+    ("benchmarks/loss_memory.py --global_batch 0", "--global_batch: 0 must be 1 or more"),
+    ("benchmarks/search_speed.py --k 0", "--k: 0 must be 1 or more"),
+    ("benchmarks/train_throughput.py --suite gpu", "invalid choice: 'gpu'"),
+]
+
+
+def _command(case: str) -> str:
+    return "benchmark" if case.startswith("benchmarks/") else case.split()[0].strip("{}")
+
+
+def test_the_catalogue_has_every_command():
+    commands = {_command(case) for case, _ in CASES}
+    assert commands == {"train", "eval", "index", "search", "convert", "prepare-data", "benchmark"}
+    assert len(CASES) >= 30
+
+
+@pytest.mark.parametrize("case,fragment", CASES, ids=[f"{_command(case)}-{i}" for i, (case, _) in enumerate(CASES)])
+def test_bad_input_ends_in_one_error_line_and_touches_nothing(run_folders, case, fragment):
+    data, workdir, scratch = run_folders
+    names = dict(tiny=" ".join(TINY), data=data, run=workdir, scratch=scratch)
+    commands = {name: command.format(**names) for name, command in COMMANDS.items()}
+    arguments = case.format(**names, **commands).split()
+    before = snapshot(data, workdir, scratch)
+    result = run(*arguments) if arguments[0].startswith("benchmarks/") else cli(*arguments)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+    assert fragment in lines[0], lines[0]
+    assert "Traceback" not in result.stdout + result.stderr
+    assert result.stdout.strip() == "" or "results" not in result.stdout.lower(), result.stdout
+    assert snapshot(data, workdir, scratch) == before
+
+
+def _damage_latest(workdir: str) -> str:
+    """Truncates the largest data file of the newest checkpoint; returns that checkpoint's folder."""
+    checkpoints = os.path.join(workdir, "checkpoints")
+    latest = os.path.join(checkpoints, str(max(int(s) for s in os.listdir(checkpoints) if s.isdigit())))
+    files = [os.path.join(d, f) for d, _, names in os.walk(os.path.join(latest, "state")) for f in names]
+    largest = max(files, key=os.path.getsize)
+    with open(largest, "r+b") as handle:
+        handle.truncate(os.path.getsize(largest) // 2)
+    return latest
+
+
+def test_eval_is_read_only_and_names_a_damaged_latest_checkpoint(run_folders, tmp_path):
+    data, trained, _ = run_folders
+    workdir = str(tmp_path / "run")
+    shutil.copytree(trained, workdir)
+    damaged = _damage_latest(workdir)
+    before = snapshot(workdir)
+    for _ in range(3):  # the same single line every time, no library noise
+        result = cli("eval", *TINY, "--workdir", workdir, "--data_dir", data)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+        assert lines[0].startswith(f"error: checkpoint {damaged} cannot be read") and "--step 2" in lines[0]
+        assert snapshot(workdir) == before  # nothing renamed, removed or (over)written
+    # Told to fall back, it scores step 2, says so in one warning line, and records the step.
+    result = cli("eval", *TINY, "--workdir", workdir, "--data_dir", data, "--fallback")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 0 and len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith("warning: ") and "using step 2" in lines[0]
+    assert os.path.isdir(damaged)
+    import json
+
+    with open(os.path.join(workdir, "results.json")) as handle:
+        results = json.load(handle)
+    assert results["step"] == 2 and len(results["config_hash"]) == 16
+    # --step names one explicitly.
+    result = cli("eval", *TINY, "--workdir", workdir, "--data_dir", data, "--step", "2")
+    assert result.returncode == 0 and result.stderr.strip() == "", result.stderr[-3000:]

@@ -1,0 +1,193 @@
+"""One validation pass over a loaded config, before any dataset is built or file written.
+
+Every size, count, rate and choice that a command would otherwise meet only deep in a run (an
+evaluation setting after the whole training run, a zero batch inside grain) is checked here, for
+every command, when the config is loaded. Each rule names its key; a failure is one line with
+the key, the value and what is allowed. Checks that need more than the config (the model's head,
+the dataset's splits, the objectives against the model) stay where that is known, and run before
+any work too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ml_collections
+
+from vlretrieval.errors import UserError
+from vlretrieval.evaluation.evaluate import MODES
+from vlretrieval.evaluation.metrics import TIES, check_metrics
+from vlretrieval.evaluation.search import SCORE_DTYPES
+from vlretrieval.models.factory import MODEL_KINDS
+from vlretrieval.models.transformer import ATTENTION_IMPLEMENTATIONS, COMPUTE_DTYPES
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def integer(minimum: int) -> Callable[[Any], str | None]:
+    def check(value):
+        if not _is_integer(value) or value < minimum:
+            return f"an integer, {minimum} or more"
+        return None
+
+    return check
+
+
+def number(minimum: float | None = None, maximum: float | None = None, above: float | None = None):
+    """A real number within [minimum, maximum], or strictly above `above`."""
+
+    def check(value):
+        allowed = "a number" + (f" above {above}" if above is not None else "") + (
+            f", {minimum} or more" if minimum is not None else "") + (
+            f", at most {maximum}" if maximum is not None else "")
+        if not _is_number(value):
+            return allowed
+        if (above is not None and value <= above) or (minimum is not None and value < minimum) or (
+                maximum is not None and value > maximum):
+            return allowed
+        return None
+
+    return check
+
+
+def choice(*allowed: str) -> Callable[[Any], str | None]:
+    def check(value):
+        return None if value in allowed else f"one of {', '.join(allowed)}"
+
+    return check
+
+
+def integers(minimum: int, non_empty: bool = True) -> Callable[[Any], str | None]:
+    def check(value):
+        if not isinstance(value, Sequence) or isinstance(value, str) or (non_empty and not value) or not all(
+            _is_integer(item) and item >= minimum for item in value
+        ):
+            return f"a {'non-empty ' if non_empty else ''}list of integers, each {minimum} or more"
+        return None
+
+    return check
+
+
+def crop_scale(value) -> str | None:
+    if (not isinstance(value, Sequence) or len(value) != 2 or not all(_is_number(v) for v in value)
+            or not 0 < value[0] <= value[1] <= 1):
+        return "two area fractions (low, high) with 0 < low <= high <= 1"
+    return None
+
+
+def non_empty_text(value) -> str | None:
+    return None if isinstance(value, str) and value.strip() else "a non-empty name"
+
+
+def languages(value) -> str | None:
+    if not isinstance(value, Sequence) or isinstance(value, str) or not value or not all(
+        isinstance(item, str) and item for item in value
+    ):
+        return "a non-empty list of language codes"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    key: str  # dotted path under config
+    check: Callable[[Any], str | None]  # None when the value is allowed, else what is allowed
+
+
+RULES = (
+    Rule("seed", integer(0)),
+    Rule("data.languages", languages),
+    Rule("data.max_text_length", integer(2)),
+    Rule("data.num_train", integer(1)),
+    Rule("data.num_validation", integer(1)),
+    Rule("data.num_test", integer(1)),
+    Rule("data.on_bad_record", choice("skip", "fail")),
+    Rule("data.crop_scale", crop_scale),
+    Rule("model.kind", choice(*MODEL_KINDS)),
+    Rule("model.dtype", choice(*COMPUTE_DTYPES)),
+    Rule("model.attention", choice(*ATTENTION_IMPLEMENTATIONS)),
+    Rule("model.image_size", integer(1)),
+    Rule("model.patch_size", integer(1)),
+    Rule("train.batch_size", integer(1)),
+    Rule("train.num_steps", integer(1)),
+    Rule("train.log_every", integer(1)),
+    Rule("train.checkpoint_every", integer(1)),
+    Rule("train.keep_last", integer(1)),
+    Rule("train.keep_best", integer(0)),
+    Rule("train.best_metric", choice("mean_recall")),  # what evaluation during training reports
+    Rule("train.eval_every", integer(0)),
+    Rule("train.num_devices", integer(0)),
+    Rule("train.accumulation_steps", integer(1)),
+    Rule("train.preemption_check_every", integer(1)),
+    Rule("train.peak_tflops", number(minimum=0)),
+    Rule("optimizer.learning_rate", number(above=0)),
+    Rule("optimizer.warmup_steps", integer(0)),
+    Rule("optimizer.end_learning_rate_fraction", number(minimum=0, maximum=1)),
+    Rule("optimizer.weight_decay", number(minimum=0)),
+    Rule("optimizer.b2", number(above=0, maximum=1)),
+    Rule("optimizer.gradient_clip_norm", number(minimum=0)),
+    Rule("objectives.reweight_beta", number(minimum=0)),
+    Rule("objectives.hinge_margin", number(minimum=0)),
+    Rule("objectives.itm_sampling_temperature", number(minimum=0)),
+    Rule("objectives.text_swap_fraction", number(minimum=0, maximum=1)),
+    Rule("objectives.image_mix_fraction", number(minimum=0, maximum=1)),
+    Rule("bitext.batch_size", integer(1)),
+    Rule("eval.split", non_empty_text),
+    Rule("eval.batch_size", integer(1)),
+    Rule("eval.recall_at", integers(1)),
+    Rule("eval.shortlist", integer(1)),
+    Rule("eval.pair_batch_size", integer(1)),
+    Rule("eval.max_images", integer(0)),
+    Rule("eval.step", integer(0)),
+    Rule("eval.query_chunk", integer(1)),
+    Rule("eval.gallery_chunk", integer(1)),
+    Rule("eval.mode", choice(*MODES)),
+    Rule("eval.score_dtype", choice(*SCORE_DTYPES)),
+    Rule("eval.ties", choice(*TIES)),
+)
+
+
+def _lookup(config: ml_collections.ConfigDict, key: str) -> tuple[bool, Any]:
+    node = config
+    for part in key.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def _bitext(config: ml_collections.ConfigDict) -> None:
+    found, weights = _lookup(config, "bitext.pair_weights")
+    if not found or not weights:
+        return
+    _, pairs = _lookup(config, "bitext.language_pairs")
+    if not all(_is_number(weight) and weight >= 0 for weight in weights) or not any(weights):
+        raise UserError(f"config.bitext.pair_weights is {tuple(weights)}: non-negative numbers, not all 0")
+    if len(weights) != len(pairs or ()):
+        raise UserError(
+            f"config.bitext.pair_weights has {len(weights)} weights for {len(pairs or ())} "
+            "config.bitext.language_pairs: give one weight per pair"
+        )
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raises one `UserError` line for the first setting no command could run with."""
+    for rule in RULES:
+        found, value = _lookup(config, rule.key)
+        if not found:
+            continue  # a config without that section (e.g. a converted model's) has no such setting
+        allowed = rule.check(value)
+        if allowed is not None:
+            raise UserError(f"config.{rule.key} is {value!r}; it must be {allowed}")
+    found, metrics = _lookup(config, "eval.metrics")
+    if found:
+        check_metrics(metrics)
+    _bitext(config)
