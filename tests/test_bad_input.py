@@ -53,6 +53,8 @@ def run_folders(tmp_path_factory):
     scratch.mkdir()
     (scratch / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     (scratch / "a_file").write_text("not a folder\n")
+    (scratch / "tsv").mkdir()
+    (scratch / "tsv" / "en-de.tsv").write_bytes("red square\tcaf\xe9 rot\n".encode("latin-1"))
     return data, workdir, str(scratch)
 
 
@@ -87,6 +89,7 @@ CASES = [
     ("{train} --config.objectives.image_mix_fraction=2.0",
      "image_mix_fraction is 2.0"),
     ("{train} --config.objectives.contrastiv=1.0", "unknown config key"),
+    ("{train} --config.objectives.text_text=0.5 --config.bitext.tsv_dir={scratch}/tsv", "is not UTF-8 text"),
     ("train {tiny} --workdir {scratch}/a_file --data_dir {data}", "is a file"),
     ("train --config configs/missing.py --workdir {scratch}/w", "does not exist"),
     # eval

@@ -40,7 +40,7 @@ def read_pairs(path: str) -> Iterator[tuple[int, str, str]]:
     """(line number, source, target) for every line of a TSV file; a malformed line is an error
     naming the file and the line."""
     with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+        for number, line in _lines(handle, path):
             line = line.rstrip("\n").rstrip("\r")
             if not line.strip():
                 continue  # blank lines (a trailing newline, say) carry nothing
@@ -54,6 +54,15 @@ def read_pairs(path: str) -> Iterator[tuple[int, str, str]]:
             if not source or not target:
                 raise UserError(f"{path}, line {number}: an empty {'source' if not source else 'target'}")
             yield number, source, target
+
+
+def _lines(handle, path: str) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a text file; bytes that are not UTF-8 are one error naming the file
+    (text files decode in chunks, so the line is not known)."""
+    try:
+        yield from enumerate(handle, start=1)
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path} is not UTF-8 text ({error.reason}); save it as UTF-8") from None
 
 
 def translation_files(tsv_dir: str) -> list[tuple[str, str, str]]:
