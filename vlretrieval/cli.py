@@ -154,6 +154,25 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     return rest, overrides
 
 
+# Shorthand flag (argparse dest) -> the config key it sets.
+SHORTHANDS = {
+    "data_dir": "data.data_dir", "init_from": "train.init_from", "mode": "eval.mode",
+    "joint_from": "eval.joint_from", "shortlist": "eval.shortlist", "eval_index": "eval.index",
+    "step": "eval.step", "fallback": "eval.fallback",
+}
+
+
+def _shorthand_overrides(args: argparse.Namespace) -> list[str]:
+    """`key=value` overrides for the shorthand flags given (a flag left out sets nothing)."""
+    overrides = []
+    for flag, key in SHORTHANDS.items():
+        value = getattr(args, flag, None)
+        if value is None or value is False or value == "":
+            continue
+        overrides.append(f"{key}={'true' if value is True else value}")
+    return overrides
+
+
 def run(argv: list[str]) -> int:
     rest, overrides = _split_overrides(argv)
     args = _parser().parse_args(rest)
@@ -161,22 +180,8 @@ def run(argv: list[str]) -> int:
         from vlretrieval.convert.command import run_convert
 
         return run_convert(args, overrides)
-    if args.data_dir:
-        overrides.insert(0, f"data.data_dir={args.data_dir}")
-    if getattr(args, "init_from", None):
-        overrides.insert(0, f"train.init_from={args.init_from}")
-    if getattr(args, "mode", None):
-        overrides.insert(0, f"eval.mode={args.mode}")
-    if getattr(args, "joint_from", None):
-        overrides.insert(0, f"eval.joint_from={args.joint_from}")
-    if getattr(args, "shortlist", None) is not None:
-        overrides.insert(0, f"eval.shortlist={args.shortlist}")
-    if getattr(args, "eval_index", None):
-        overrides.insert(0, f"eval.index={args.eval_index}")
-    if getattr(args, "step", None) is not None:
-        overrides.insert(0, f"eval.step={args.step}")
-    if getattr(args, "fallback", False):
-        overrides.insert(0, "eval.fallback=true")
+    # The shorthand flags come first, so an explicit --config.KEY=VALUE still wins.
+    overrides = _shorthand_overrides(args) + overrides
 
     # Imports after argument parsing: `--help` stays instant, and JAX starts only when needed.
     from vlretrieval.config import load_config
