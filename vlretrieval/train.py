@@ -169,8 +169,8 @@ def _checked_run(config: ml_collections.ConfigDict, workdir: str) -> _Run:
 
 
 def _starting_state(config: ml_collections.ConfigDict, run: _Run, checkpointer):
-    """(step, state) to start from: the latest checkpoint, else `train.init_from`'s weights, else
-    the initialisation. Says which in the log."""
+    """(step, state) to start from: the latest checkpoint (said in the log), else step 0 and the
+    run's state (initialised, or `train.init_from`'s weights: `_initialised_from`)."""
     state = run.state
     if checkpointer.all_steps():
         step, state = checkpointer.restore_latest(state)
