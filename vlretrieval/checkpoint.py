@@ -40,7 +40,7 @@ class Checkpointer:
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
         self.read_only = read_only
         if read_only and not os.path.isdir(self.directory):
-            raise UserError(f"no checkpoint in {self.directory}; train first or pass --workdir")
+            raise self._none_found()
         policies = [checkpoint_managers.LatestN(keep_last)]
         if keep_best:
             # Higher is better (a recall): BestN keeps the end of the ascending order.
@@ -64,6 +64,9 @@ class Checkpointer:
                 preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
             ),
         )
+
+    def _none_found(self) -> UserError:
+        return UserError(f"no checkpoint in {self.directory}; train first or pass --workdir")
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -129,7 +132,7 @@ class Checkpointer:
         """
         steps = self.all_steps()
         if not steps:
-            raise UserError(f"no checkpoint in {self.directory}; train first or pass --workdir")
+            raise self._none_found()
         if step is not None:
             if step not in steps:
                 raise UserError(f"no checkpoint at step {step} in {self.directory}; it has steps {steps}")

@@ -12,6 +12,7 @@ import inspect
 import logging
 import os
 import sys
+import warnings
 
 from vlretrieval.arguments import OneLineParser
 from vlretrieval.errors import UserError
@@ -257,13 +258,14 @@ def _drop_abandoned_reads(unraisable) -> None:
 
 
 def _quiet_abandoned_reads() -> None:
-    """When a checkpoint read fails, orbax abandons its other asynchronous reads, and three kinds
+    """When a checkpoint read fails, orbax abandons its other asynchronous reads, and four kinds
     of report follow, up to thousands of lines burying the one `error:` line: Python's
-    "Exception ignored in: <coroutine ...>" for each unawaited read, asyncio's "Future exception
-    was never retrieved" for their futures, and TensorStore's threads completing into the closed
-    event loop ("Event loop is closed", reported as unraisable from their callbacks). Those three
-    are dropped; anything else is reported as usual."""
+    "Exception ignored in: <coroutine ...>" and "RuntimeWarning: coroutine ... was never awaited"
+    for each unawaited read, asyncio's "Future exception was never retrieved" for their futures,
+    and TensorStore's threads completing into the closed event loop ("Event loop is closed",
+    reported as unraisable from their callbacks). Those are dropped; anything else is reported."""
     sys.unraisablehook = _drop_abandoned_reads
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
 

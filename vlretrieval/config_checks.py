@@ -44,19 +44,15 @@ def integer(minimum: int) -> Callable[[Any], str | None]:
 
 def number(minimum: float | None = None, maximum: float | None = None, above: float | None = None):
     """A real number within [minimum, maximum], or strictly above `above`."""
+    limits = (f"{minimum} or more" if minimum is not None else "", f"at most {maximum}" if maximum is not None else "")
+    allowed = "a number" + (f" above {above}" if above is not None else "") + "".join(
+        f", {limit}" for limit in limits if limit)
 
-    def check(value):
-        allowed = "a number" + (f" above {above}" if above is not None else "") + (
-            f", {minimum} or more" if minimum is not None else "") + (
-            f", at most {maximum}" if maximum is not None else "")
-        if not _is_number(value):
-            return allowed
-        if (above is not None and value <= above) or (minimum is not None and value < minimum) or (
-                maximum is not None and value > maximum):
-            return allowed
-        return None
+    def within(value) -> bool:
+        return ((above is None or value > above) and (minimum is None or value >= minimum)
+                and (maximum is None or value <= maximum))
 
-    return check
+    return lambda value: None if _is_number(value) and within(value) else allowed
 
 
 def choice(*allowed: str) -> Callable[[Any], str | None]:
