@@ -52,6 +52,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.restval_to_train = True  # karpathy: fold the restval split into train
     config.data.caption_language = "en"  # jsonl: the language of a plain "caption" field
     config.data.on_bad_record = "skip"  # or "fail": a missing/corrupt image or empty caption
+    # Web-scale training shards (config.data.name = webdataset): img2dataset's webdataset tars,
+    # streamed per host (vlretrieval/data/streaming.py); evaluation on a prepared dataset.
+    config.data.shards = ""  # a brace pattern (/data/cc3m/{00000..00331}.tar), a glob, or a list file
+    # Captions from KEY.json fields per language, "en=caption,de=caption_de"; empty: KEY.txt, in
+    # caption_language.
+    config.data.caption_fields = ""
+    config.data.shuffle_buffer = 10_000  # samples per shuffled window
+    config.data.shard_readers = 4  # shards read at once per host
+    config.data.workers = 0  # decode/crop threads per host (0: one per core)
+    config.data.eval_dataset_dir = ""  # the prepared dataset a webdataset run evaluates on
     # Training images: a random crop of this area fraction, resized to model.image_size.
     config.data.crop_scale = (0.5, 1.0)
 

@@ -99,6 +99,11 @@ CASES = [
     ("{eval} --mode fast", "invalid choice: 'fast'"),
     ("{eval} --step 3", "no checkpoint at step 3"),
     ("eval {tiny} --workdir {scratch}/nothing_here --data_dir {data}", "no checkpoint in"),
+    # training from webdataset shards: the spec and the shards are checked before any work
+    ("{train} --config.data.name=webdataset --config.data.shards={scratch}/none/*.tar", "matches no file"),
+    ("{train} --config.data.name=webdataset --config.data.shards={scratch}/a_file", "is not a tar file"),
+    ("{train} --config.data.name=webdataset --config.data.caption_fields=en", "is not LANGUAGE=FIELD"),
+    ("{train} --config.data.shuffle_buffer=0", "config.data.shuffle_buffer is 0"),
     # index and search
     ("{index} --output {scratch}", "is a directory"),
     ("{index} --output {scratch}/a_file/index.safetensors", "is not a directory"),

@@ -110,7 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     _command(commands, "prepare-data",
-             "Build the config's dataset and tokenizer (the demo set is generated).", workdir=False)
+             "Build the config's dataset and tokenizer (the demo set is generated); webdataset "
+             "shards are each read once, counted and indexed.", workdir=False)
     _with_hosts(_with_init_from(_command(
         commands, "train", "Train (resuming from the latest checkpoint in --workdir), then evaluate."
     )))
@@ -196,6 +197,15 @@ def run(argv: list[str]) -> int:
         from vlretrieval.data import datasets
 
         data = datasets.open_dataset(config.data, seed=config.seed)
+        if data.shards is not None:  # webdataset: every shard read once, counted, indexed
+            from vlretrieval.data import shard_index
+
+            index = shard_index.build_index(data.shards, config.data.data_dir, config.data.on_bad_record,
+                                            progress=not args.no_progress)
+            log.info(f"shards checked: {shard_index.describe(index)}; index written to "
+                     f"{shard_index.index_path(config.data.data_dir, data.shards.paths)}")
+            log.info(f"evaluation dataset in {data.directory}; tokenizer vocabulary {data.tokenizer.vocab_size}")
+            return 0
         log.info(f"dataset ready in {data.directory}; tokenizer vocabulary {data.tokenizer.vocab_size}")
         return 0
 

@@ -25,7 +25,7 @@ from vlretrieval.checkpoint import Checkpointer, has_checkpoint
 from vlretrieval.collapse import CollapseWatch
 from vlretrieval.config_checks import check_config
 from vlretrieval.convert.initialise import initial_params
-from vlretrieval.data import datasets, pipeline
+from vlretrieval.data import datasets, pipeline, shards, streaming
 from vlretrieval.data.builders.image_captions import summary
 from vlretrieval.errors import UserError
 from vlretrieval.evaluation import checkpoints
@@ -154,6 +154,8 @@ def _checked_run(config: ml_collections.ConfigDict, workdir: str) -> _Run:
     build_model(config.model, vocab_size=1)  # a bad model option fails before data is prepared
     data = datasets.open_dataset(config.data, seed=config.seed)  # bad data fails before any write
     data.split(config.eval.split)  # an evaluation split the dataset lacks fails now, not after training
+    if data.shards is not None:  # too few shards for the hosts fails now
+        shards.epoch_shards(list(data.shards.paths), config.seed, 0, jax.process_index(), jax.process_count())
     mesh = parallel.make_mesh(config.train.num_devices or None)
     parallel.check_batch_divisible(config.train.batch_size, mesh, "config.train.batch_size")
     model = build_model(config.model, data.tokenizer.vocab_size)
@@ -235,6 +237,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     try:
         state = _loop(config, workdir, run, step_fn, state, batches, checkpointer, start_step, progress)
     finally:  # whatever stops the run (the end, a signal, a diverged loss), no save is cut short
+        batches.close()
         checkpointer.wait()
         checkpointer.close()
     return run.model, state.params, run.data
@@ -245,14 +248,15 @@ def _loop(config, workdir, run: _Run, step_fn, state, batches, checkpointer, sta
     writer = MetricsWriter(workdir)
     writer.keep_until(start_step)
     num_steps, check_every, data = config.train.num_steps, config.train.preemption_check_every, run.data
-    epoch_steps = pipeline.steps_per_epoch(len(data.split("train")), config.train.batch_size)
+    examples = data.training_examples()  # None: unindexed shards, no epoch lines
+    epoch_steps = pipeline.steps_per_epoch(examples, config.train.batch_size) if examples else 0
     bar = tqdm(
         total=num_steps, initial=start_step, unit="step", disable=not progress or start_step >= num_steps
     )
     meter, collapse_watch = None, CollapseWatch(config)
     with preemption.StopSignalGuard() as stop_signal:
         for step in range(start_step + 1, num_steps + 1):
-            batch = parallel.global_batch(next(batches), run.mesh)
+            batch = parallel.global_batch(pipeline.device_fields(next(batches)), run.mesh)
             if meter is None:
                 step_fn, meter = _compile_step(step_fn, state, batch, config, start_step)
             state, metrics = step_fn(state, batch)
@@ -285,8 +289,8 @@ def _loop(config, workdir, run: _Run, step_fn, state, batches, checkpointer, sta
             if saving:
                 checkpointer.save(step, state, config, batches.get_state(), eval_metrics)
                 preemption.fault_point_after_save_started(step)
-            if step % epoch_steps == 0 and data.bad_records is not None:
-                log.info(f"epoch {step // epoch_steps} done: preparation {summary(data.bad_records)}")
+            if epoch_steps and step % epoch_steps == 0 and (skipped := _skipped_records(data, batches)):
+                log.info(f"epoch {step // epoch_steps} done: {skipped}")
             if preempted:
                 bar.close()
                 raise preemption.Preempted(step, checkpointer.directory, stop_signal.signum)
@@ -307,13 +311,29 @@ def _compile_step(step_fn, state, batch, config, start_step: int):
     return compiled, throughput.StepMeter(start_step, config.train.batch_size, flops, peak)
 
 
-def _training_batches(config: ml_collections.ConfigDict, data, translations):
-    """This host's batches: image-text pairs, and with the text-text task a batch of translation
-    pairs beside them; one state for both (saved in each checkpoint)."""
-    image_text = pipeline.training_dataset(
+def _skipped_records(data, batches) -> str | None:
+    """What the training data skipped: while streaming shards so far, or when it was prepared."""
+    if data.shards is not None:
+        return "streaming " + summary(batches.iterators["image_text"].tally.to_json())
+    return None if data.bad_records is None else f"preparation {summary(data.bad_records)}"
+
+
+def _image_text_batches(config: ml_collections.ConfigDict, data):
+    """This host's image-text batches: streamed from webdataset shards, or a prepared split's."""
+    local_batch_size = parallel.local_batch_size(config.train.batch_size)
+    if data.shards is not None:
+        return streaming.StreamBatches(
+            data.shards, data.tokenizer, local_batch_size=local_batch_size, languages=config.data.languages,
+            max_text_length=config.data.max_text_length, seed=config.seed, image_size=config.model.image_size,
+            crop_scale=config.data.crop_scale, shuffle_buffer=config.data.shuffle_buffer,
+            readers=config.data.shard_readers, workers=config.data.workers,
+            on_bad_record=config.data.on_bad_record, process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+    return pipeline.training_dataset(
         data.split("train"),
         data.tokenizer,
-        local_batch_size=parallel.local_batch_size(config.train.batch_size),
+        local_batch_size=local_batch_size,
         languages=config.data.languages,
         max_text_length=config.data.max_text_length,
         seed=config.seed,
@@ -327,6 +347,12 @@ def _training_batches(config: ml_collections.ConfigDict, data, translations):
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
+
+
+def _training_batches(config: ml_collections.ConfigDict, data, translations):
+    """This host's batches: image-text pairs, and with the text-text task a batch of translation
+    pairs beside them; one state for both (saved in each checkpoint)."""
+    image_text = _image_text_batches(config, data)
     if translations is None:
         return pipeline.TrainingBatches({"image_text": image_text})
     sources, weights = translations

@@ -1,9 +1,10 @@
 """Opens the dataset and tokenizer an experiment's `data` config names.
 
-`data.dataset_dir` (a prepared tfds directory) wins; otherwise `data.name` picks a builder that
-prepares itself into `data.data_dir`: the generated demo set, or a published layout
-(`layouts.LAYOUTS`) read from `data.manual_dir`. The tokenizer is `data.tokenizer`, or the one
-trained beside the demo data.
+`data.name = webdataset` trains from img2dataset's shards (`data.shards`, streamed: `streaming.py`)
+and evaluates on the prepared dataset at `data.eval_dataset_dir`. Otherwise `data.dataset_dir` (a
+prepared tfds directory) wins, then `data.name` picks a builder that prepares itself into
+`data.data_dir`: the generated demo set, or a published layout (`layouts.LAYOUTS`) read from
+`data.manual_dir`. The tokenizer is `data.tokenizer`, or the one trained beside the demo data.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from vlretrieval.data.builders import (
     layouts,
     translation_pairs,
 )
+from vlretrieval.data import shard_index
+from vlretrieval.data import shards as shard_files
 from vlretrieval.data.tokenizer import TextTokenizer, load_tokenizer
 from vlretrieval.errors import UserError
 
-DATASETS = ("demo_scenes", *layouts.LAYOUTS)
+DATASETS = ("demo_scenes", "webdataset", *layouts.LAYOUTS)
 
 
 @dataclasses.dataclass
@@ -39,7 +42,16 @@ class RetrievalData:
     content_words: dict[str, Any] | None = None
     # What preparation skipped (counts and examples), for datasets read from published layouts.
     bad_records: dict[str, Any] | None = None
+    # data.name = webdataset: the training shards (the builder is then the evaluation dataset).
+    shards: shard_files.ShardSource | None = None
     _sources: dict[str, Any] | None = None
+
+    def training_examples(self) -> int | None:
+        """Usable training examples per epoch: the train split's, or the shard index's count
+        (None when `prepare-data` has not indexed the shards)."""
+        if self.shards is not None:
+            return self.shards.index["samples"] if self.shards.index else None
+        return len(self.split("train"))
 
     def split(self, name: str):
         """A random-access data source over one split's records."""
@@ -67,9 +79,38 @@ def _demo_config(config: ml_collections.ConfigDict, seed: int) -> demo_scenes.De
     )
 
 
-def open_dataset(config: ml_collections.ConfigDict, seed: int) -> RetrievalData:
-    """The builder and tokenizer of the experiment's `data` section, preparing data if needed."""
-    if config.dataset_dir:
+def _shard_source(config: ml_collections.ConfigDict) -> shard_files.ShardSource:
+    """`data.shards`, each checked to be a tar, with the caption languages training reads."""
+    fields = shard_files.parse_caption_fields(config.caption_fields)
+    paths = shard_files.shard_paths(config.shards)
+    shard_files.check_shards(paths)
+    shard_languages = list(fields) or [config.caption_language]
+    wanted = [language for language in config.languages if language in shard_languages]
+    if not wanted:
+        where = "config.data.caption_fields" if fields else "KEY.txt (config.data.caption_language)"
+        raise UserError(
+            f"config.data.languages {tuple(config.languages)} has none of the shards' caption "
+            f"languages {shard_languages} (from {where})"
+        )
+    fields = {language: field for language, field in fields.items() if language in wanted}
+    return shard_files.ShardSource(
+        tuple(paths), fields, config.caption_language, shard_index.read_index(config.data_dir, paths)
+    )
+
+
+def open_dataset(config: ml_collections.ConfigDict, seed: int, *, training: bool = True) -> RetrievalData:
+    """The builder and tokenizer of the experiment's `data` section, preparing data if needed.
+    `training=False` (evaluation): webdataset shards are neither needed nor checked."""
+    shards = None
+    if config.name == "webdataset":
+        shards = _shard_source(config) if training else None
+        if not config.eval_dataset_dir:
+            raise UserError(
+                "config.data.eval_dataset_dir is empty: a run trained from webdataset shards evaluates "
+                "on a prepared dataset (the directory `vlretrieval prepare-data` printed for it)"
+            )
+        builder = building.load_prepared_dataset(config.eval_dataset_dir)
+    elif config.dataset_dir:
         builder = building.load_prepared_dataset(config.dataset_dir)
     elif config.name == "demo_scenes":
         builder = demo_scenes.prepare_demo_data(config.data_dir, _demo_config(config, seed))
@@ -100,10 +141,12 @@ def open_dataset(config: ml_collections.ConfigDict, seed: int) -> RetrievalData:
             f"config.data.languages names {missing}, which the dataset at {directory} does not "
             f"have; it has {sorted(caption_languages)}"
         )
-    content_words = captions.WORD_FORMS if builder.name == demo_scenes.DemoScenes.name else None
+    # The demo's word forms compose negatives of the demo's own captions only.
+    is_demo = builder.name == demo_scenes.DemoScenes.name and shards is None
     return RetrievalData(
-        builder=builder, tokenizer=tokenizer, directory=directory, content_words=content_words,
-        bad_records=image_captions.read_bad_records(builder),
+        builder=builder, tokenizer=tokenizer, directory=directory,
+        content_words=captions.WORD_FORMS if is_demo else None,
+        bad_records=None if shards else image_captions.read_bad_records(builder), shards=shards,
     )
 
 

@@ -191,13 +191,31 @@ def iterate(dataset: grain.MapDataset, threads: int = 2) -> grain.DatasetIterato
     return iter(dataset.to_iter_dataset(options))
 
 
+HOST_ONLY = ("sample_keys",)  # batch fields that stay on the host (strings): not for the devices
+
+
+def device_fields(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The fields of a host batch that go to the devices."""
+    return {name: value for name, value in batch.items() if name not in HOST_ONLY}
+
+
 class TrainingBatches:
     """This host's training batches from several aligned pipelines (image–text pairs, and with
     the text–text task translation pairs), merged into one dict per step, with one saveable state.
+    Each pipeline is a random-access `grain.MapDataset` (iterated here) or an iterator with
+    `get_state`/`set_state` of its own (`streaming.StreamBatches`).
     """
 
-    def __init__(self, datasets: dict[str, grain.MapDataset], threads: int = 2):
-        self.iterators = {name: iterate(dataset, threads) for name, dataset in datasets.items()}
+    def __init__(self, datasets: dict[str, Any], threads: int = 2):
+        self.iterators = {
+            name: iterate(dataset, threads) if isinstance(dataset, grain.MapDataset) else dataset
+            for name, dataset in datasets.items()
+        }
+
+    def close(self) -> None:
+        for iterator in self.iterators.values():
+            if hasattr(iterator, "close"):
+                iterator.close()
 
     def __iter__(self):
         return self
@@ -269,13 +287,61 @@ def evaluation_dataset(
     )
 
 
+class HostImages:
+    """A split's uint8 images as one host embeds them: only its share (every `process_count`-th
+    from `process_index`, `padded_host_positions`'s) decoded and held, indexed by split position
+    like the whole array. Other hosts' positions (the padding of `padded_host_positions`) read as
+    zeros: they are masked out."""
+
+    def __init__(self, count: int, images: np.ndarray, process_index: int, process_count: int):
+        self.count, self.images = count, images
+        self.process_index, self.process_count = process_index, process_count
+        self.shape = (count, *images.shape[1:])
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, indices) -> np.ndarray:
+        indices = np.asarray(indices)
+        offset = indices - self.process_index
+        owned = (offset >= 0) & (offset % self.process_count == 0) & (indices < self.count)
+        result = np.zeros((len(indices), *self.images.shape[1:]), self.images.dtype)
+        result[owned] = self.images[offset[owned] // self.process_count]
+        return result
+
+
+class NormalizedImages:
+    """uint8 images (an array or `HostImages`) read as the model's float input, batch by batch:
+    a gallery is never held in float32 whole."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, indices) -> np.ndarray:
+        return normalize_images(self.images[np.asarray(indices)])
+
+
 def load_split(
-    source: Sequence[dict[str, Any]], languages: Sequence[str], image_size: int
+    source: Sequence[dict[str, Any]], languages: Sequence[str], image_size: int, *, max_images: int = 0,
+    process_index: int = 0, process_count: int = 1,
 ) -> dict[str, Any]:
-    """A whole (evaluation) split in memory: uint8 images (encoded ones decoded with the eval
-    transform) and, per language, its captions."""
-    records = [source[index] for index in range(len(source))]
-    images = np.stack([image_ops.model_image(record["image"], image_size) for record in records])
+    """An (evaluation) split in memory: its first `max_images` records (0: all); uint8 images
+    (encoded ones decoded with the eval transform) and, per language, the captions. With
+    `process_count` > 1 only this host's share of the images is decoded and held (`HostImages`):
+    what `evaluate.embed_in_batches` reads on this host. Every host keeps every caption (text is
+    small next to pixels)."""
+    count = min(len(source), max_images) if max_images else len(source)
+    records = [source[index] for index in range(count)]
+    decode = lambda record: image_ops.model_image(record["image"], image_size)
+    if process_count == 1:
+        images = np.stack([decode(record) for record in records])
+    else:
+        share = [decode(record) for record in records[process_index::process_count]]
+        images = HostImages(count, np.stack(share) if share else np.zeros((0, image_size, image_size, 3), np.uint8),
+                            process_index, process_count)
     captions = {}
     for language in languages:
         captions[language] = [

@@ -22,13 +22,14 @@ shuffle buffer and its saved position build on it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import glob
 import json
 import os
 import re
 import tarfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -49,6 +50,31 @@ class Sample:
     captions: dict[str, str]  # language -> caption
     metadata: dict[str, Any]  # KEY.json, or {}
     shard: str  # where it came from, for messages and provenance
+    position: int = 0  # the key's place in the shard (0-based, counting unusable keys too)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardSource:
+    """The training shards of `data.name = webdataset` and how their captions are read."""
+
+    paths: tuple[str, ...]
+    caption_fields: dict[str, str]  # language -> KEY.json field; empty: KEY.txt
+    txt_language: str  # the language of KEY.txt captions
+    index: dict[str, Any] | None = None  # `prepare-data`'s index of the shards, if built
+
+
+def parse_caption_fields(text: str) -> dict[str, str]:
+    """`"en=caption,de=caption_de"` -> {"en": "caption", "de": "caption_de"} (empty: {})."""
+    fields = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        language, equals, field = (part.strip() for part in item.partition("="))
+        if not equals or not language or not field:
+            raise UserError(
+                f"config.data.caption_fields {text!r}: {item!r} is not LANGUAGE=FIELD "
+                '(e.g. "en=caption,de=caption_de")'
+            )
+        fields[language] = field
+    return fields
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -99,16 +125,19 @@ def shard_paths(spec: str) -> list[str]:
     return paths
 
 
-def _captions(members: Mapping[str, bytes], caption_fields: Mapping[str, str], metadata: dict) -> dict[str, str]:
-    """Language -> caption: from JSON fields when `caption_fields` names them, else KEY.txt."""
+def _captions(members: Mapping[str, bytes], caption_fields: Mapping[str, str], metadata: dict,
+              txt_language: str) -> dict[str, str]:
+    """Language -> caption: from JSON fields when `caption_fields` names them, else KEY.txt (in
+    `txt_language`)."""
     if caption_fields:
         return {
             language: str(metadata.get(field) or "").strip() for language, field in caption_fields.items()
         }
-    return {"en": members["txt"].decode("utf-8", errors="replace").strip()} if "txt" in members else {}
+    return {txt_language: members["txt"].decode("utf-8", errors="replace").strip()} if "txt" in members else {}
 
 
-def _sample(key: str, members: dict[str, bytes], shard: str, caption_fields, bad: BadRecords):
+def _sample(key: str, members: dict[str, bytes], shard: str, caption_fields, txt_language: str,
+            bad: BadRecords, position: int):
     """The sample of one key's members, or None (counted in `bad`) if it cannot be used."""
     where = f"{shard}:{key}"
     image_extension = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
@@ -127,14 +156,15 @@ def _sample(key: str, members: dict[str, bytes], shard: str, caption_fields, bad
         except (json.JSONDecodeError, UnicodeDecodeError):
             bad.found("unreadable json", where)
             return None
-    captions = _captions(members, caption_fields, metadata)
+    captions = _captions(members, caption_fields, metadata, txt_language)
     if not captions:
         bad.found("missing caption", where)
         return None
     if not any(captions.values()):
         bad.found("empty caption", where)
         return None
-    return Sample(key, members[image_extension], {k: v for k, v in captions.items() if v}, metadata, shard)
+    usable = {language: caption for language, caption in captions.items() if caption}
+    return Sample(key, members[image_extension], usable, metadata, shard, position)
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -145,42 +175,65 @@ def _split_name(name: str) -> tuple[str, str]:
     return (f"{directory}/{stem}" if directory else stem), extension.lower()
 
 
+def _open(path: str):
+    try:
+        return epath.Path(path).open("rb")
+    except OSError as error:
+        raise UserError(f"shard {path} cannot be opened: {error.strerror or error}") from None
+
+
+def _tar_stream(handle, path: str) -> tarfile.TarFile:
+    try:
+        return tarfile.open(fileobj=handle, mode="r|*")
+    except tarfile.ReadError:
+        raise UserError(f"shard {path} is not a tar file: is config.data.shards the right pattern?") from None
+
+
+def check_shards(paths: Sequence[str], threads: int = 16) -> None:
+    """Each shard opens and starts like a tar (its first header is read, nothing more): a wrong
+    pattern or a stray file fails before any work, not hours into a run. In parallel, for
+    remote storage."""
+
+    def check(path: str) -> None:
+        with _open(path) as handle:
+            _tar_stream(handle, path)
+
+    with concurrent.futures.ThreadPoolExecutor(min(threads, max(1, len(paths)))) as pool:
+        list(pool.map(check, paths))
+
+
 def read_shard(
     path: str,
     bad: BadRecords,
     caption_fields: Mapping[str, str] | None = None,
     skip: int = 0,
+    txt_language: str = "en",
 ) -> Iterator[Sample]:
     """The usable samples of one shard in tar order (skipping the first `skip` keys, usable or not:
-    a saved position). Bad members are counted in `bad`; a truncated tar ends the shard there,
-    counted once."""
+    a saved position). Captions come from the JSON fields `caption_fields` names (language ->
+    field), else from KEY.txt, taken to be in `txt_language`. Bad members are counted in `bad`; a
+    truncated tar ends the shard there, counted once."""
     caption_fields = dict(caption_fields or {})
-    try:
-        handle = epath.Path(path).open("rb")
-    except OSError as error:
-        raise UserError(f"shard {path} cannot be opened: {error.strerror or error}") from None
-    with handle:
-        try:
-            archive = tarfile.open(fileobj=handle, mode="r|*")
-        except tarfile.ReadError:
-            raise UserError(f"shard {path} is not a tar file: is config.data.shards the right pattern?") from None
-        key, members, seen = None, {}, 0
+    with _open(path) as handle:
+        archive = _tar_stream(handle, path)
+        key, members, position = None, {}, -1  # position: the index of `key` in the shard
         try:
             for member in archive:
                 if not member.isfile():
                     continue
                 member_key, extension = _split_name(member.name)
                 if member_key != key:
-                    if key is not None:
-                        seen += 1
-                        if seen > skip and (sample := _sample(key, members, path, caption_fields, bad)):
-                            yield sample
-                    key, members = member_key, {}
-                members[extension] = archive.extractfile(member).read()
+                    if position >= skip and (sample := _sample(key, members, path, caption_fields, txt_language, bad, position)):
+                        yield sample
+                    key, members, position = member_key, {}, position + 1
+                if position >= skip:  # the members of skipped keys are passed over, not read
+                    members[extension] = archive.extractfile(member).read()
         except (tarfile.ReadError, EOFError, OSError):
             bad.found("truncated tar", path)
             return  # the key being read when the shard ended is incomplete: not used
-        if key is not None and seen + 1 > skip and (sample := _sample(key, members, path, caption_fields, bad)):
+        if key is not None and position >= skip and (
+            sample := _sample(key, members, path, caption_fields, txt_language, bad, position)
+        ):
             yield sample
 
 

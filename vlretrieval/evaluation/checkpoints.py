@@ -19,7 +19,7 @@ from vlretrieval.checkpoint import Checkpointer, load_params
 from vlretrieval.data import datasets, pipeline
 from vlretrieval.evaluation import index as index_file
 from vlretrieval.evaluation import metrics, report
-from vlretrieval.evaluation.evaluate import evaluate_split, subset, write_results
+from vlretrieval.evaluation.evaluate import evaluate_split, write_results
 from vlretrieval.files import check_writable
 from vlretrieval.models import build_model
 from vlretrieval.state import create_train_state, make_optimizer
@@ -28,10 +28,14 @@ log = logging.getLogger(__name__)
 
 
 def evaluation_split(config: ml_collections.ConfigDict, data) -> dict[str, Any]:
-    """`config.eval.split` loaded in the evaluated languages (its first `eval.max_images`)."""
-    source = data.split(config.eval.split)
-    return subset(pipeline.load_split(source, config.data.languages, config.model.image_size),
-                  config.eval.max_images)
+    """`config.eval.split` loaded in the evaluated languages (its first `eval.max_images`). In
+    towers mode each host decodes only the images it embeds; joint and rerank score pairs with any
+    image, so there every host loads them all."""
+    share = (jax.process_index(), jax.process_count()) if config.eval.mode == "towers" else (0, 1)
+    return pipeline.load_split(
+        data.split(config.eval.split), config.data.languages, config.model.image_size,
+        max_images=config.eval.max_images, process_index=share[0], process_count=share[1],
+    )
 
 
 def restore_for_evaluation(config: ml_collections.ConfigDict, workdir: str):
@@ -40,7 +44,7 @@ def restore_for_evaluation(config: ml_collections.ConfigDict, workdir: str):
     `config.eval.fallback`), built from `config`.
     Prints `config_lib.evaluated_config_note` where the config's data or model settings differ
     from the checkpoint's."""
-    data = datasets.open_dataset(config.data, seed=config.seed)
+    data = datasets.open_dataset(config.data, seed=config.seed, training=False)
     model = build_model(config.model, data.tokenizer.vocab_size)
     tx, _ = make_optimizer(config.optimizer, config.train.num_steps)
     # Read-only: evaluation never renames, cleans up or deletes anything in the run's folder.

@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from vlretrieval import parallel
-from vlretrieval.data.pipeline import normalize_images, padded_host_positions
+from vlretrieval.data.pipeline import NormalizedImages, padded_host_positions
 from vlretrieval.data.tokenizer import TextTokenizer
 from vlretrieval.evaluation import rerank
 from vlretrieval.evaluation.metrics import (  # noqa: F401  (the public names callers import from here)
@@ -133,7 +133,7 @@ def evaluate_split(
     check_ties(ties)
     params = parallel.replicate(params, mesh)
     encode_image, encode_text = _encoders(model, params)
-    images = normalize_images(split["images"])
+    images = NormalizedImages(split["images"])  # array or this host's share (`pipeline.HostImages`)
     image_owners = np.arange(len(images))
     if image_embeddings is None:
         image_embeddings = embed_in_batches(encode_image, [images], batch_size, mesh)

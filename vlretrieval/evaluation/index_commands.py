@@ -38,7 +38,7 @@ def build_index(config: ml_collections.ConfigDict, workdir: str, output: str) ->
     params = parallel.replicate(params, mesh)
     encode = jax.jit(lambda p, images: model.apply({"params": p}, images, method=model.encode_image))
     embeddings = evaluate.embed_in_batches(
-        lambda batch: encode(params, batch), [pipeline.normalize_images(split["images"])],
+        lambda batch: encode(params, batch), [pipeline.NormalizedImages(split["images"])],
         config.eval.batch_size, mesh,
     )
     ids = [_item_id(source[position], position) for position in range(count)]
