@@ -4,9 +4,11 @@ loaded per host."""
 
 import json
 import logging
+import os
 import random
 import signal
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -195,6 +197,9 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_parameters(shard
     kill_after = random.Random().randint(5, 18)
     process = vlretrieval("train", *run, "--workdir", workdir)
     wait_for_step(process, workdir, kill_after)
+    while not _finished_checkpoints(workdir):  # a resume, not a fresh start (saves are asynchronous)
+        assert process.poll() is None, finish(process)
+        time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     finish(process)
     assert process.returncode == -signal.SIGKILL, f"the run ended before the kill after step {kill_after}"
@@ -203,6 +208,11 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_parameters(shard
     assert process.returncode == 0, output
     assert "resuming from the checkpoint at step" in output, (kill_after, output)
     assert_params_equal(saved_params(workdir, 24), saved_params(reference_dir, 24), atol=1e-6)
+
+
+def _finished_checkpoints(workdir) -> list[str]:
+    folder = os.path.join(workdir, "checkpoints")
+    return [name for name in os.listdir(folder) if name.isdigit()] if os.path.isdir(folder) else []
 
 
 def test_every_objective_and_the_mural_mixture_train_from_shards(shard_set, tmp_path):

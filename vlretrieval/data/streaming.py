@@ -190,14 +190,15 @@ class _PrepareBatch:
         rng = sample_rng(self.seed, epoch, number, sample.position)
         languages = [language for language in self.languages if sample.captions.get(language)]
         caption = sample.captions[languages[int(rng.integers(len(languages)))]] if languages else ""
-        image = image_ops.train_image(sample.image, self.image_size, rng, self.crop_scale)
-        return image, caption
+        # Normalised here, in the pool: on the whole batch it was a serial step that left the
+        # decode threads idle.
+        return normalize_images(image_ops.train_image(sample.image, self.image_size, rng, self.crop_scale)), caption
 
     def __call__(self, items: list) -> dict[str, np.ndarray]:
         prepared = list(self.pool.map(self.example, items))
         token_ids, text_mask = self.tokenizer.encode([caption for _, caption in prepared], self.max_text_length)
         return {
-            "images": normalize_images(np.stack([image for image, _ in prepared])),
+            "images": np.stack([image for image, _ in prepared]),
             "token_ids": token_ids,
             "text_mask": text_mask,
             "sample_keys": np.asarray([sample.key for _, _, sample in items]),
@@ -247,8 +248,14 @@ class StreamBatches:
             tokenizer, languages=languages, max_text_length=max_text_length, seed=seed,
             image_size=image_size, crop_scale=crop_scale, workers=workers or default_workers(),
         )
-        batches = shuffled.batch(local_batch_size, drop_remainder=True, batch_fn=list).map(prepare)
-        self.iterator = iter(grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=2))
+        # Two stages, each a batch ahead in its own thread: taking the next batch's samples from the
+        # readers and the shuffle overlaps decoding this one's images.
+        samples_of_batches = grain.experimental.ThreadPrefetchIterDataset(
+            shuffled.batch(local_batch_size, drop_remainder=True, batch_fn=list), prefetch_buffer_size=2
+        )
+        self.iterator = iter(
+            grain.experimental.ThreadPrefetchIterDataset(samples_of_batches.map(prepare), prefetch_buffer_size=2)
+        )
 
     def __iter__(self):
         return self

@@ -34,9 +34,10 @@ log = logging.getLogger(__name__)
 
 BAD_RECORD_POLICIES = ("skip", "fail")
 BAD_RECORDS_FILENAME = "bad_records.json"
-# Undecodable images are found by decoding at 1/8 scale (JPEG draft mode): every byte is still
-# read, so a truncated file fails, at a fraction of a full decode's cost.
-_CHECK_SIZE = (64, 64)
+# Undecodable images are found by decoding at 1/8 scale (JPEG draft mode; asking for 1 x 1 gets
+# libjpeg's smallest scale whatever the size): every byte is still entropy-decoded, so a truncated
+# or corrupt file fails, at a fraction of a full decode's cost.
+_CHECK_SIZE = (1, 1)
 
 
 @dataclasses.dataclass(eq=False)
