@@ -104,6 +104,7 @@ CASES = [
     ("{train} --config.data.name=webdataset --config.data.shards={scratch}/a_file", "is not a tar file"),
     ("{train} --config.data.name=webdataset --config.data.caption_fields=en", "is not LANGUAGE=FIELD"),
     ("{train} --config.data.shuffle_buffer=0", "config.data.shuffle_buffer is 0"),
+    ("{train} --config.data.eval_dataset_dir={data}", "only data.name=webdataset reads it"),
     # index and search
     ("{index} --output {scratch}", "is a directory"),
     ("{index} --output {scratch}/a_file/index.safetensors", "is not a directory"),

@@ -44,3 +44,17 @@ def test_pair_weights_must_match_the_pairs():
     config.bitext.pair_weights = (1.0,)
     with pytest.raises(UserError, match="2 config.bitext.language_pairs"):
         config_checks.check_config(config)
+
+
+def test_a_data_key_the_chosen_source_does_not_read_is_refused():
+    for key in ("shards", "caption_fields", "eval_dataset_dir"):
+        config = get_config()
+        config.data[key] = "/somewhere"
+        with pytest.raises(UserError, match=f"config.data.{key} is set, but only data.name=webdataset reads it"):
+            config_checks.check_config(config)
+    config = get_config()
+    config.data.name, config.data.shards, config.data.dataset_dir = "webdataset", "/s/*.tar", "/prepared"
+    with pytest.raises(UserError, match="give the evaluation dataset as config.data.eval_dataset_dir"):
+        config_checks.check_config(config)
+    config.data.dataset_dir = ""
+    config_checks.check_config(config)

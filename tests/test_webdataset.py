@@ -176,6 +176,14 @@ def test_a_saved_position_resumes_to_the_uninterrupted_batches_keys_and_pixels(s
         for field in ("images", "token_ids", "text_mask"):
             np.testing.assert_array_equal(batch[field], reference[step][field], err_msg=f"stopped at {stop}")
     resumed.close()
+    # The batch size may change on resume: the position counts samples.
+    smaller = _stream_batches(shard_set, tokenizer, local_batch_size=12)
+    smaller.set_state(state)
+    halves = [next(smaller) for _ in range(4)]
+    smaller.close()
+    assert [key for b in halves for key in b["sample_keys"]] == [
+        key for b in reference[stop:stop + 2] for key in b["sample_keys"]]
+    np.testing.assert_array_equal(np.concatenate([b["images"] for b in halves[:2]]), reference[stop]["images"])
     # A run with another host count (or readers, buffer, shards) cannot take the position.
     other_hosts = _stream_batches(shard_set, tokenizer, process_count=2, local_batch_size=12)
     with pytest.raises(UserError, match="process_count 1 -> 2"):

@@ -177,6 +177,26 @@ def _bitext(config: ml_collections.ConfigDict) -> None:
         )
 
 
+def _webdataset(config: ml_collections.ConfigDict) -> None:
+    """The data keys of one source only: a key the chosen source does not read is refused, not
+    silently ignored."""
+    found, name = _lookup(config, "data.name")
+    if not found:
+        return
+    if name == "webdataset":
+        found, dataset_dir = _lookup(config, "data.dataset_dir")
+        if found and dataset_dir:
+            raise UserError(
+                "config.data.dataset_dir is set, but data.name=webdataset trains from data.shards: "
+                "give the evaluation dataset as config.data.eval_dataset_dir"
+            )
+        return
+    for key in ("shards", "caption_fields", "eval_dataset_dir"):
+        found, value = _lookup(config, f"data.{key}")
+        if found and value:
+            raise UserError(f"config.data.{key} is set, but only data.name=webdataset reads it (data.name is {name!r})")
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Raises one `UserError` line for the first setting no command could run with."""
     for rule in RULES:
@@ -190,3 +210,4 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if found:
         check_metrics(metrics)
     _bitext(config)
+    _webdataset(config)

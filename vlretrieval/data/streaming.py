@@ -188,8 +188,9 @@ class _PrepareBatch:
     def example(self, item) -> tuple[np.ndarray, str]:
         epoch, number, sample = item
         rng = sample_rng(self.seed, epoch, number, sample.position)
-        languages = [language for language in self.languages if sample.captions.get(language)]
-        caption = sample.captions[languages[int(rng.integers(len(languages)))]] if languages else ""
+        # Never empty: the reader keeps only samples with a caption in a language training uses.
+        languages = [language for language in self.languages if language in sample.captions]
+        caption = sample.captions[languages[int(rng.integers(len(languages)))]]
         # Normalised here, in the pool: on the whole batch it was a serial step that left the
         # decode threads idle.
         return normalize_images(image_ops.train_image(sample.image, self.image_size, rng, self.crop_scale)), caption
@@ -232,9 +233,11 @@ class StreamBatches:
         process_count: int = 1,
     ):
         self.tally = BadTally()
+        # What the saved position means: the sample sequence. (The batch size may change on
+        # resume: the position counts samples, not batches.)
         self.identity = {
             "process_count": process_count, "shards": fingerprint(source.paths), "readers": readers,
-            "shuffle_buffer": shuffle_buffer, "local_batch_size": local_batch_size,
+            "shuffle_buffer": shuffle_buffer,
         }
         samples = sample_stream(
             source.paths, seed=seed, readers=readers, caption_fields=source.caption_fields,
@@ -279,7 +282,7 @@ class StreamBatches:
             raise UserError(
                 "the checkpoint's webdataset position cannot be resumed by this run: "
                 + "; ".join(changed) + " (the position names samples of that layout; resume with the "
-                "same hosts, shards, data.shard_readers, data.shuffle_buffer and batch size, or train "
-                "into a new workdir with train.init_from)"
+                "same hosts, shards, data.shard_readers and data.shuffle_buffer, or train into a new "
+                "workdir with train.init_from)"
             )
         self.iterator.set_state(state["stream"])
