@@ -103,10 +103,9 @@ def main() -> None:
         source = JpegFiles(paths, captions)
         batches = args.images // args.batch
         examples = batches * args.batch
-        train = pipeline.training_dataset(
-            source, tokenizer, local_batch_size=args.batch, languages=("en",), max_text_length=32,
-            seed=0, image_size=args.size,
-        )
+        train = pipeline.training_dataset(source, tokenizer, pipeline.BatchOptions(
+            local_batch_size=args.batch, languages=("en",), max_text_length=32, seed=0, image_size=args.size,
+        ))
         evaluation = pipeline.evaluation_dataset(
             source, image_size=args.size, local_batch_size=args.batch
         )
@@ -223,14 +222,14 @@ def streaming_figures(count: int, source_size: int, repeats: int) -> None:
         batches = 16
         pipelines = {}
         for size in (64, 224):
+            options = pipeline.BatchOptions(local_batch_size=STREAM_BATCH, languages=("en",), max_text_length=32,
+                                            seed=0, image_size=size)
             pipelines[("stream", size)] = streaming.StreamBatches(
-                source, tokenizer, local_batch_size=STREAM_BATCH, languages=("en",), max_text_length=32,
-                seed=0, image_size=size, shuffle_buffer=1000, readers=4, workers=cores,
+                source, tokenizer, options, shuffle_buffer=1000, readers=4, workers=cores
             )
-            pipelines[("array_record", size)] = pipeline.iterate(pipeline.training_dataset(
-                records, tokenizer, local_batch_size=STREAM_BATCH, languages=("en",), max_text_length=32,
-                seed=0, image_size=size,
-            ), threads=cores)
+            pipelines[("array_record", size)] = pipeline.iterate(
+                pipeline.training_dataset(records, tokenizer, options), threads=cores
+            )
         for iterator in pipelines.values():
             _examples_per_second(iterator, 1)  # threads started, files cached
         train_step = _train_step_examples_per_second(tokenizer.vocab_size)

@@ -140,6 +140,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # A softmax-contrastive run whose loss sits at ln(batch) with ~0 gradient norm for several
     # logged steps has collapsed (vlretrieval/collapse.py): a warning, or with this an error.
     config.train.stop_on_collapse = False
+    # Write batches.process_<i>.jsonl: each step's sample keys (record indices, or webdataset keys)
+    # and a hash of its pixels, per host: which data a step trained on, for audits and bisection.
+    config.train.record_batches = False
 
     # Each term's weight (0 = off) and its settings; the terms: vlretrieval/objectives/terms.py.
     config.objectives = ml_collections.ConfigDict(

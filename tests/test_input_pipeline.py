@@ -45,10 +45,10 @@ def records(count: int, seed: int = 0):
 
 
 def training(source, tokenizer, batch=4, seed=0, process_index=0, process_count=1):
-    return pipeline.training_dataset(
-        source, tokenizer, local_batch_size=batch, languages=("en", "de"), max_text_length=6,
-        seed=seed, image_size=24, process_index=process_index, process_count=process_count,
-    )
+    return pipeline.training_dataset(source, tokenizer, pipeline.BatchOptions(
+        local_batch_size=batch, languages=("en", "de"), max_text_length=6, seed=seed, image_size=24,
+        process_index=process_index, process_count=process_count,
+    ))
 
 
 def test_random_crop_boxes_stay_inside_and_cover_the_requested_area():

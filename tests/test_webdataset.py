@@ -149,11 +149,11 @@ def test_two_local_processes_read_disjoint_samples_that_cover_the_epoch(shard_se
     assert not set(first) & set(second) and set(first) | set(second) == every
 
 
-def _stream_batches(shard_set, tokenizer, **overrides):
-    options = dict(local_batch_size=24, languages=("en", "de"), max_text_length=16, seed=3, image_size=32,
-                   shuffle_buffer=100, readers=3, workers=2)
+def _stream_batches(shard_set, tokenizer, local_batch_size=24, process_count=1):
+    options = pipeline.BatchOptions(local_batch_size=local_batch_size, languages=("en", "de"), max_text_length=16,
+                                    seed=3, image_size=32, process_count=process_count)
     source = ShardSource(tuple(shard_set["paths"]), {"en": "caption", "de": "caption_de"}, "en")
-    return streaming.StreamBatches(source, tokenizer, **{**options, **overrides})
+    return streaming.StreamBatches(source, tokenizer, options, shuffle_buffer=100, readers=3, workers=2)
 
 
 def test_a_saved_position_resumes_to_the_uninterrupted_batches_keys_and_pixels(shard_set):
@@ -191,7 +191,8 @@ def test_a_saved_position_resumes_to_the_uninterrupted_batches_keys_and_pixels(s
     other_hosts.close()
 
 
-SIGKILL_RUN = ("--config.train.num_steps=24", "--config.train.checkpoint_every=4", "--config.train.log_every=1")
+SIGKILL_RUN = ("--config.train.num_steps=24", "--config.train.checkpoint_every=4", "--config.train.log_every=1",
+               "--config.train.record_batches=true")
 
 
 def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_parameters(shard_set, tmp_path):
@@ -215,6 +216,11 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_parameters(shard
     output = finish(process)
     assert process.returncode == 0, output
     assert "resuming from the checkpoint at step" in output, (kill_after, output)
+    # Every step trained on the uninterrupted run's samples, pixel for pixel (the steps replayed
+    # after the checkpoint included), and ended on its parameters.
+    batches = [(tmp_path / run / "batches.process_0.jsonl").read_text().splitlines()
+               for run in ("uninterrupted", "killed")]
+    assert len(batches[0]) == 24 and batches[1] == batches[0], f"killed after step {kill_after}"
     assert_params_equal(saved_params(workdir, 24), saved_params(reference_dir, 24), atol=1e-6)
 
 

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -30,10 +29,11 @@ from vlretrieval.data.builders.image_captions import summary
 from vlretrieval.errors import UserError
 from vlretrieval.evaluation import checkpoints
 from vlretrieval.evaluation.report import format_table
-from vlretrieval.files import check_writable, replaced_atomically
+from vlretrieval.files import check_writable
 from vlretrieval.models import build_model
 from vlretrieval.models.factory import parameter_count
 from vlretrieval.negatives import TextNegativeComposer
+from vlretrieval.run_log import MetricsWriter, batch_record
 from vlretrieval.state import TrainState, create_train_state, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -93,36 +93,6 @@ def objective_for(model, config: ml_collections.ConfigDict, data, mesh):
                 "(image_text_matching and masked_language_model need the whole batch's encoders)"
             )
     return objective
-
-
-class MetricsWriter:
-    """Appends one JSON object per logged step to `<workdir>/metrics.jsonl`."""
-
-    def __init__(self, workdir: str):
-        self.path = os.path.join(workdir, "metrics.jsonl")
-
-    def write(self, record: dict[str, Any]) -> None:
-        if jax.process_index() != 0:
-            return
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-
-    def keep_until(self, step: int) -> None:
-        """On resume: drop the records after the checkpoint's step (those steps run again) and a
-        last line cut short by a killed process, so the file stays one clean trajectory."""
-        if jax.process_index() != 0 or not os.path.exists(self.path):
-            return
-        kept = []
-        with open(self.path) as handle:
-            for line in handle:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if record.get("step", 0) <= step:
-                    kept.append(json.dumps(record) + "\n")
-        with replaced_atomically(self.path) as temporary, open(temporary, "w") as handle:
-            handle.writelines(kept)
 
 
 def _check_finite(metrics: dict[str, float], step: int) -> None:
@@ -247,6 +217,10 @@ def _loop(config, workdir, run: _Run, step_fn, state, batches, checkpointer, sta
     """Steps `start_step + 1 ... num_steps`: log, evaluate, checkpoint, stop on SIGTERM."""
     writer = MetricsWriter(workdir)
     writer.keep_until(start_step)
+    recorder = None
+    if config.train.record_batches:  # which samples each step trained on, per host
+        recorder = MetricsWriter(workdir, f"batches.process_{jax.process_index()}.jsonl", every_process=True)
+        recorder.keep_until(start_step)
     num_steps, check_every, data = config.train.num_steps, config.train.preemption_check_every, run.data
     examples = data.training_examples()  # None: unindexed shards, no epoch lines
     epoch_steps = pipeline.steps_per_epoch(examples, config.train.batch_size) if examples else 0
@@ -256,7 +230,10 @@ def _loop(config, workdir, run: _Run, step_fn, state, batches, checkpointer, sta
     meter, collapse_watch = None, CollapseWatch(config)
     with preemption.StopSignalGuard() as stop_signal:
         for step in range(start_step + 1, num_steps + 1):
-            batch = parallel.global_batch(pipeline.device_fields(next(batches)), run.mesh)
+            host_batch = next(batches)
+            if recorder is not None:
+                recorder.write(batch_record(step, host_batch))
+            batch = parallel.global_batch(pipeline.device_fields(host_batch), run.mesh)
             if meter is None:
                 step_fn, meter = _compile_step(step_fn, state, batch, config, start_step)
             state, metrics = step_fn(state, batch)
@@ -320,33 +297,21 @@ def _skipped_records(data, batches) -> str | None:
 
 def _image_text_batches(config: ml_collections.ConfigDict, data):
     """This host's image-text batches: streamed from webdataset shards, or a prepared split's."""
-    local_batch_size = parallel.local_batch_size(config.train.batch_size)
+    options = pipeline.BatchOptions(
+        local_batch_size=parallel.local_batch_size(config.train.batch_size),
+        languages=tuple(config.data.languages), max_text_length=config.data.max_text_length, seed=config.seed,
+        image_size=config.model.image_size, crop_scale=tuple(config.data.crop_scale),
+        process_index=jax.process_index(), process_count=jax.process_count(),
+    )
     if data.shards is not None:
         return streaming.StreamBatches(
-            data.shards, data.tokenizer, local_batch_size=local_batch_size, languages=config.data.languages,
-            max_text_length=config.data.max_text_length, seed=config.seed, image_size=config.model.image_size,
-            crop_scale=config.data.crop_scale, shuffle_buffer=config.data.shuffle_buffer,
-            readers=config.data.shard_readers, workers=config.data.workers,
-            on_bad_record=config.data.on_bad_record, process_index=jax.process_index(),
-            process_count=jax.process_count(),
+            data.shards, data.tokenizer, options, shuffle_buffer=config.data.shuffle_buffer,
+            readers=config.data.shard_readers, workers=config.data.workers, on_bad_record=config.data.on_bad_record,
         )
-    return pipeline.training_dataset(
-        data.split("train"),
-        data.tokenizer,
-        local_batch_size=local_batch_size,
-        languages=config.data.languages,
-        max_text_length=config.data.max_text_length,
-        seed=config.seed,
-        image_size=config.model.image_size,
-        crop_scale=config.data.crop_scale,
-        text_negatives=(
-            TextNegativeComposer(data.content_words, config.objectives.text_swap_fraction)
-            if config.objectives.composed_text_negatives
-            else None
-        ),
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
+    text_negatives = None
+    if config.objectives.composed_text_negatives:
+        text_negatives = TextNegativeComposer(data.content_words, config.objectives.text_swap_fraction)
+    return pipeline.training_dataset(data.split("train"), data.tokenizer, options, text_negatives)
 
 
 def _training_batches(config: ml_collections.ConfigDict, data, translations):

@@ -9,6 +9,7 @@ seen. Evaluation batches are padded, with a mask, so every host runs the same nu
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -68,36 +69,41 @@ def _tokenize_batch(tokenizer: TextTokenizer, max_length: int):
     return tokenize
 
 
+@dataclasses.dataclass(frozen=True)
+class BatchOptions:
+    """What makes one host's training batch, whichever pipeline reads the data (a prepared split's
+    `training_dataset`, or webdataset shards' `streaming.StreamBatches`)."""
+
+    local_batch_size: int
+    languages: tuple[str, ...]  # a caption is drawn among those of these an example has
+    max_text_length: int
+    seed: int
+    image_size: int
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    process_index: int = 0
+    process_count: int = 1
+
+
 def training_dataset(
-    source: Sequence[dict[str, Any]],
-    tokenizer: TextTokenizer,
-    *,
-    local_batch_size: int,
-    languages: Sequence[str],
-    max_text_length: int,
-    seed: int,
-    image_size: int,
-    crop_scale: Sequence[float] = (0.5, 1.0),
-    text_negatives=None,
-    process_index: int = 0,
-    process_count: int = 1,
+    source: Sequence[dict[str, Any]], tokenizer: TextTokenizer, options: BatchOptions, text_negatives=None,
 ) -> grain.MapDataset:
     """An endless, per-epoch reshuffled MapDataset of this host's batches; index = step.
 
-    One global order of examples, whatever the number of hosts: the split shuffled by `seed`
+    One global order of examples, whatever the number of hosts: the split shuffled by the seed
     (again every epoch), global batch `step` its next `process_count x local_batch_size`
     examples, and this host's batch the `process_index`-th slice of it. So every host reads
     disjoint examples, the hosts together read each example once per epoch, and a run on 2 hosts
     sees the same global batches (and crops) as on 1. Batches hold `index`, each example's
     position in the split (not used by the model; it shows which records a host read)."""
+    seed = options.seed
     return _host_batches(
         indexed(source)
         .shuffle(seed=seed)
         .repeat(None)  # repeat after shuffle: grain reshuffles every epoch
-        .random_map(_pick_caption(tuple(languages), text_negatives), seed=seed + 1)
-        .random_map(_training_image(image_size, crop_scale), seed=seed + 3),
-        local_batch_size, process_index, process_count,
-    ).map(_tokenize_batch(tokenizer, max_text_length))
+        .random_map(_pick_caption(tuple(options.languages), text_negatives), seed=seed + 1)
+        .random_map(_training_image(options.image_size, options.crop_scale), seed=seed + 3),
+        options.local_batch_size, options.process_index, options.process_count,
+    ).map(_tokenize_batch(tokenizer, options.max_text_length))
 
 
 def indexed(source: Sequence[dict[str, Any]]) -> grain.MapDataset:

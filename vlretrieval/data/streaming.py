@@ -39,6 +39,7 @@ from vlretrieval.data import images as image_ops
 from vlretrieval.data import shards as shard_files
 from vlretrieval.data.builders.image_captions import BadRecords, summary
 from vlretrieval.data.images import normalize_images
+from vlretrieval.data.pipeline import BatchOptions
 from vlretrieval.data.tokenizer import TextTokenizer
 from vlretrieval.errors import UserError
 
@@ -179,25 +180,25 @@ class _PrepareBatch:
     """Raw samples -> the model's batch: caption picked, image decoded and cropped (in threads),
     text tokenized, pixels normalised."""
 
-    def __init__(self, tokenizer: TextTokenizer, *, languages, max_text_length, seed, image_size,
-                 crop_scale, workers: int):
-        self.tokenizer, self.languages, self.max_text_length = tokenizer, tuple(languages), max_text_length
-        self.seed, self.image_size, self.crop_scale = seed, image_size, tuple(crop_scale)
+    def __init__(self, tokenizer: TextTokenizer, options: BatchOptions, workers: int):
+        self.tokenizer, self.options = tokenizer, options
         self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="vlretrieval-decode")
 
     def example(self, item) -> tuple[np.ndarray, str]:
         epoch, number, sample = item
-        rng = sample_rng(self.seed, epoch, number, sample.position)
+        options = self.options
+        rng = sample_rng(options.seed, epoch, number, sample.position)
         # Never empty: the reader keeps only samples with a caption in a language training uses.
-        languages = [language for language in self.languages if language in sample.captions]
+        languages = [language for language in options.languages if language in sample.captions]
         caption = sample.captions[languages[int(rng.integers(len(languages)))]]
         # Normalised here, in the pool: on the whole batch it was a serial step that left the
         # decode threads idle.
-        return normalize_images(image_ops.train_image(sample.image, self.image_size, rng, self.crop_scale)), caption
+        image = image_ops.train_image(sample.image, options.image_size, rng, options.crop_scale)
+        return normalize_images(image), caption
 
     def __call__(self, items: list) -> dict[str, np.ndarray]:
         prepared = list(self.pool.map(self.example, items))
-        token_ids, text_mask = self.tokenizer.encode([caption for _, caption in prepared], self.max_text_length)
+        token_ids, text_mask = self.tokenizer.encode([caption for _, caption in prepared], self.options.max_text_length)
         return {
             "images": np.stack([image for image, _ in prepared]),
             "token_ids": token_ids,
@@ -218,20 +219,14 @@ class StreamBatches:
         self,
         source: shard_files.ShardSource,
         tokenizer: TextTokenizer,
+        options: BatchOptions,
         *,
-        local_batch_size: int,
-        languages: Sequence[str],
-        max_text_length: int,
-        seed: int,
-        image_size: int,
-        crop_scale: Sequence[float] = (0.5, 1.0),
         shuffle_buffer: int = 1000,
         readers: int = 4,
         workers: int = 0,
         on_bad_record: str = "skip",
-        process_index: int = 0,
-        process_count: int = 1,
     ):
+        process_index, process_count, seed = options.process_index, options.process_count, options.seed
         self.tally = BadTally()
         # What the saved position means: the sample sequence. (The batch size may change on
         # resume: the position counts samples, not batches.)
@@ -247,14 +242,11 @@ class StreamBatches:
         # Each host its own window permutations (its windows hold other samples anyway).
         window_seed = int(np.random.SeedSequence([seed, process_index]).generate_state(1)[0])
         shuffled = grain.experimental.WindowShuffleIterDataset(samples, window_size=shuffle_buffer, seed=window_seed)
-        self.prepare = prepare = _PrepareBatch(
-            tokenizer, languages=languages, max_text_length=max_text_length, seed=seed,
-            image_size=image_size, crop_scale=crop_scale, workers=workers or default_workers(),
-        )
+        self.prepare = prepare = _PrepareBatch(tokenizer, options, workers or default_workers())
         # Two stages, each a batch ahead in its own thread: taking the next batch's samples from the
         # readers and the shuffle overlaps decoding this one's images.
         samples_of_batches = grain.experimental.ThreadPrefetchIterDataset(
-            shuffled.batch(local_batch_size, drop_remainder=True, batch_fn=list), prefetch_buffer_size=2
+            shuffled.batch(options.local_batch_size, drop_remainder=True, batch_fn=list), prefetch_buffer_size=2
         )
         self.iterator = iter(
             grain.experimental.ThreadPrefetchIterDataset(samples_of_batches.map(prepare), prefetch_buffer_size=2)
