@@ -189,6 +189,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optimizer.weight_decay = 0.05
     config.optimizer.b2 = 0.98
     config.optimizer.gradient_clip_norm = 1.0
+    # Fine-tuning pretrained towers: regular expressions over parameter paths ("/"-joined, matched
+    # whole, e.g. "text_transformer/.*"). Frozen parameters are not updated at all; lr_mults pairs
+    # (pattern, multiplier) scale the learning rate of what they match (first match wins).
+    config.optimizer.freeze = ()
+    config.optimizer.lr_mults = ()
 
     config.eval = ml_collections.ConfigDict()
     config.eval.split = "test"

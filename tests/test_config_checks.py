@@ -25,7 +25,8 @@ def test_the_shipped_configs_pass(module, arg):
 
 # A value each rule must refuse, by the type of the demo's value; a few rules need their own.
 BAD_BY_TYPE = {int: -1, float: -1.0, str: "no-such-choice", tuple: ()}
-BAD_BY_KEY = {"train.best_metric": "R@1", "eval.split": " "}
+BAD_BY_KEY = {"train.best_metric": "R@1", "eval.split": " ", "optimizer.freeze": ("",),
+              "optimizer.lr_mults": (("text_.*", -1.0),)}
 
 
 @pytest.mark.parametrize("rule", config_checks.RULES, ids=[rule.key for rule in config_checks.RULES])

@@ -92,6 +92,23 @@ def languages(value) -> str | None:
     return None
 
 
+def patterns(value) -> str | None:
+    if not isinstance(value, Sequence) or isinstance(value, str) or not all(
+        isinstance(item, str) and item for item in value
+    ):
+        return "a list of regular expressions over parameter paths"
+    return None
+
+
+def multipliers(value) -> str | None:
+    if not isinstance(value, Sequence) or isinstance(value, str) or not all(
+        isinstance(item, Sequence) and not isinstance(item, str) and len(item) == 2 and isinstance(item[0], str)
+        and _is_number(item[1]) and item[1] >= 0 for item in value
+    ):
+        return "a list of (regular expression, multiplier >= 0) pairs"
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
     key: str  # dotted path under config
@@ -133,6 +150,8 @@ RULES = (
     Rule("optimizer.weight_decay", number(minimum=0)),
     Rule("optimizer.b2", number(above=0, maximum=1)),
     Rule("optimizer.gradient_clip_norm", number(minimum=0)),
+    Rule("optimizer.freeze", patterns),
+    Rule("optimizer.lr_mults", multipliers),
     Rule("objectives.reweight_beta", number(minimum=0)),
     Rule("objectives.hinge_margin", number(minimum=0)),
     Rule("objectives.itm_sampling_temperature", number(minimum=0)),

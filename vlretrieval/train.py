@@ -34,7 +34,7 @@ from vlretrieval.models import build_model
 from vlretrieval.models.factory import parameter_count
 from vlretrieval.negatives import TextNegativeComposer
 from vlretrieval.run_log import MetricsWriter, batch_record
-from vlretrieval.state import TrainState, create_train_state, make_optimizer
+from vlretrieval.state import TrainState, check_fine_tuning, create_train_state, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,7 @@ def _checked_run(config: ml_collections.ConfigDict, workdir: str) -> _Run:
     model = build_model(config.model, data.tokenizer.vocab_size)
     tx, schedule = make_optimizer(config.optimizer, config.train.num_steps)
     state = create_train_state(model, tx, config.seed)
+    check_fine_tuning(config.optimizer, state.params)  # a freeze pattern that matches nothing
     objective = objective_for(model, config, data, mesh)
     translations = None
     if config.objectives.text_text > 0:
