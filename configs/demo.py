@@ -87,10 +87,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.head = ml_collections.ConfigDict(
         dict(
             embed_dim=128,
+            # text: cls | mean | last (last real token, CLIP) | last_position (SigLIP);
+            # image: cls | mean | last | map (SigLIP's attention-pooling head)
             text_pooling="mean",
             image_pooling="cls",
             initial_temperature=0.07,
             max_logit_scale=100.0,
+            clip_logit_scale=True,  # False: the scale is not clipped (SigLIP's exceed 100)
             # A learnable bias added to the logits: needed by objectives.contrastive_loss=sigmoid
             # (SigLIP initialises temperature 0.1 and bias -10).
             logit_bias=False,
@@ -98,16 +101,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             # A dense + tanh on the pooled token (BERT's / ViT's pooler), for converted models.
             text_pooler=False,
             image_pooler=False,
+            # False: the pooled image output is the embedding (SigLIP; embed_dim = image width).
+            image_projection=True,
+            text_projection_bias=False,  # SigLIP's text head has a bias
         )
     )
     # Embedding details of converted Hugging Face models (kind == "dual"): BERT has token-type
     # embeddings and a LayerNorm on them; CLIP has neither, and no bias on its patch projection
-    # but a LayerNorm before the image encoder.
+    # but a LayerNorm before the image encoder; SigLIP's image tower has no class token.
     config.model.text_embeddings = ml_collections.ConfigDict(
         dict(type_vocab_size=2, layer_norm=True, layer_norm_eps=1e-12)
     )
     config.model.image_embeddings = ml_collections.ConfigDict(
-        dict(patch_bias=True, layer_norm=False, layer_norm_eps=1e-5)
+        dict(patch_bias=True, layer_norm=False, layer_norm_eps=1e-5, class_token=True)
     )
 
     config.train = ml_collections.ConfigDict()

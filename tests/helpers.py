@@ -50,6 +50,22 @@ def assert_close_relative(got, want, rtol=1e-5):
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _flat(tree, prefix=""):
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    return {key: value for name, child in tree.items() for key, value in _flat(child, f"{prefix}{name}.").items()}
+
+
+def assert_nested_close(got, want, rel=1e-6, abs=1e-6) -> None:
+    """Two nested dicts of numbers (results) have the same keys and values within tolerance."""
+    import pytest
+
+    got, want = _flat(got), _flat(want)
+    assert got.keys() == want.keys()
+    for key in got:
+        assert got[key] == pytest.approx(want[key], rel=rel, abs=abs), key
+
+
 def free_port() -> int:
     with socket.socket() as handle:
         handle.bind(("127.0.0.1", 0))

@@ -8,6 +8,7 @@ read-only and names the damaged step; with --fallback it scores the previous one
 """
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -53,6 +54,20 @@ def run_folders(tmp_path_factory):
     scratch.mkdir()
     (scratch / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     (scratch / "a_file").write_text("not a folder\n")
+    for number in range(2):  # an image folder of two classes, for the benchmark suite cases
+        (scratch / "shapes" / "test" / f"class_{number}").mkdir(parents=True)
+    suites = {
+        "unknown_task": {"name": "x", "task": "ocr", "split": "test", "dataset": {}},
+        "unknown_key": {"name": "x", "task": "zero_shot_classification", "split": "test",
+                        "dataset": {"layout": "image_folder", "rot": "/x"},
+                        "templates": "configs/zero_shot/simple_templates.json"},
+        "wrong_classes": {"name": "x", "task": "zero_shot_classification", "split": "test",
+                          "dataset": {"layout": "image_folder", "root": str(scratch / "shapes"),
+                                      "classes": ["class 0", "class 9"]},
+                          "templates": "configs/zero_shot/simple_templates.json"},
+    }
+    for name, task in suites.items():
+        (scratch / f"suite_{name}.json").write_text(json.dumps({"tasks": [task]}))
     (scratch / "tsv").mkdir()
     (scratch / "tsv" / "en-de.tsv").write_bytes("red square\tcaf\xe9 rot\n".encode("latin-1"))
     return data, workdir, str(scratch)
@@ -116,6 +131,14 @@ CASES = [
      "is not UTF-8 text"),
     ("{search} --index {scratch}/i.safetensors --queries_file {scratch}/none.txt",
      "No such file"),
+    # benchmark suites: the whole file is checked before any model work
+    ("benchmark {tiny} --workdir {run} --data_dir {data} --suite {scratch}/suite_unknown_task.json",
+     "unknown task 'ocr'"),
+    ("benchmark {tiny} --workdir {run} --data_dir {data} --suite {scratch}/suite_unknown_key.json",
+     "unknown image_folder dataset key 'rot'"),
+    ("benchmark {tiny} --workdir {run} --data_dir {data} --suite {scratch}/suite_wrong_classes.json",
+     "names without a class: 'class 9'"),
+    ("benchmark {tiny} --workdir {run} --data_dir {data} --suite {scratch}/missing.json", "does not exist"),
     # convert
     ("convert --from hf {scratch}/no_model --to {scratch}/out", "no_model"),
     ("convert --from vlretrieval {run} --to-hf {scratch}/out --arch gpt", "gpt"),
@@ -134,12 +157,12 @@ CASES = [
 
 
 def _command(case: str) -> str:
-    return "benchmark" if case.startswith("benchmarks/") else case.split()[0].strip("{}")
+    return "benchmarks" if case.startswith("benchmarks/") else case.split()[0].strip("{}")
 
 
 def test_the_catalogue_has_every_command():
     commands = {_command(case) for case, _ in CASES}
-    assert commands == {"train", "eval", "index", "search", "convert", "prepare-data", "benchmark"}
+    assert commands == {"train", "eval", "index", "search", "convert", "prepare-data", "benchmark", "benchmarks"}
     assert len(CASES) >= 30
 
 

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.helpers import run_local_hosts
+from tests.helpers import assert_nested_close, run_local_hosts
 from tests.test_multihost import (
     assert_params_equal,
     finish,
@@ -305,17 +305,4 @@ def test_two_processes_evaluating_decode_only_their_share_and_give_the_one_proce
     alone = json.loads(json.dumps(evaluate_gallery(0, 1)))
     assert alone["decoded"] == 13
     for host in read:
-        assert_close(host["languages"], alone["languages"])
-
-
-def _flat(tree, prefix=""):
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    return {key: value for name, child in tree.items() for key, value in _flat(child, f"{prefix}{name}.").items()}
-
-
-def assert_close(got, want) -> None:
-    got, want = _flat(got), _flat(want)
-    assert got.keys() == want.keys()
-    for key in got:
-        assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-6), key
+        assert_nested_close(host["languages"], alone["languages"])

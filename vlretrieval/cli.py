@@ -126,6 +126,12 @@ def _parser() -> argparse.ArgumentParser:
     _add_search_arguments(_with_checkpoint_choice(_with_hosts(_command(
         commands, "search", "Embed text queries with the latest checkpoint in --workdir and print "
         "each one's top k items of a saved index, one JSON line per query."))))
+    benchmark_command = _with_checkpoint_choice(_with_hosts(_command(
+        commands, "benchmark", "Evaluate the checkpoint in --workdir over a suite of datasets and tasks "
+        "(retrieval, zero-shot classification) and write one JSON per dataset, language and task, a CSV, "
+        "a Markdown table and plots.")))
+    benchmark_command.add_argument("--suite", required=True, help="the suite file (JSON: docs/benchmark.md)")
+    benchmark_command.add_argument("--output", help="where the results go (default: WORKDIR/benchmark)")
     convert_help = ("Convert checkpoints: a Hugging Face folder (BertModel, XLMRobertaModel, "
                     "ViTModel, CLIPModel, ViltModel) to a vlretrieval run folder, or a "
                     "vlretrieval checkpoint's towers to a Hugging Face folder.")
@@ -238,6 +244,13 @@ def run(argv: list[str]) -> int:
         results = checkpoints.evaluate_checkpoint(config, args.workdir)
         hosts.finish()
         log.info(format_table(results, config.eval.recall_at))
+        return 0
+    if args.command == "benchmark":
+        from vlretrieval.evaluation import suite_commands
+
+        summary = suite_commands.benchmark(config, args.workdir, args.suite, args.output)
+        hosts.finish()
+        log.info(summary)
         return 0
     if args.command in ("index", "search"):
         from vlretrieval.evaluation import index_commands

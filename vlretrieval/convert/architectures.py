@@ -4,6 +4,7 @@ Import reads an HF `config.json` into our `model` config section (the options th
 compute what the HF one does: post-LN or pre-LN, LayerNorm epsilon, quick-GELU, causal text
 attention, end-of-text pooling, poolers, token-type tables), then builds the rule table from that
 section. Export builds the same table from a checkpoint's section, so both directions share it.
+The towers' pieces are in parts.py; SigLIP, whose heads differ most, in siglip.py.
 """
 
 from __future__ import annotations
@@ -13,13 +14,10 @@ import dataclasses
 import math
 from typing import Any
 
+from vlretrieval.convert import siglip
+from vlretrieval.convert.parts import check_vision, hf_transformer, image_tower, text_tower, transformer, vit_patches
 from vlretrieval.convert.rules import Rule, dense, encoder_blocks, layer_norm
 from vlretrieval.errors import UserError
-
-# HF `hidden_act` <-> our activation names.
-ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
-               "quick_gelu": "quick_gelu", "relu": "relu"}
-HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new", "quick_gelu": "quick_gelu", "relu": "relu"}
 
 # What each architecture becomes here, and which parts of our model its weights cover.
 IMPORTS = {
@@ -28,29 +26,11 @@ IMPORTS = {
     "ViTModel": ("dual", ("image",)),
     "CLIPModel": ("dual", ("text", "image", "projections")),
     "ViltModel": ("decomposed", ("joint",)),
+    "SiglipModel": ("dual", ("text", "image", "projections")),
+    "SiglipVisionModel": ("dual", ("image",)),
 }
-EXPORTS = {"bert": "BertModel", "vit": "ViTModel", "clip": "CLIPModel"}
-
-
-def _activation(hf_config: dict, where: str) -> str:
-    name = hf_config.get("hidden_act", "gelu")
-    if name not in ACTIVATIONS:
-        raise UserError(f"{where}: hidden_act {name!r} is not supported; "
-                        f"supported: {', '.join(sorted(ACTIVATIONS))}")
-    return ACTIVATIONS[name]
-
-
-def _transformer(hf: dict, where: str, *, pre_norm: bool, final_norm: bool, causal: bool = False):
-    return dict(
-        width=hf["hidden_size"], depth=hf["num_hidden_layers"],
-        num_heads=hf["num_attention_heads"], mlp_dim=hf["intermediate_size"],
-        dropout=float(hf.get("hidden_dropout_prob", hf.get("dropout", 0.0)) or 0.0),
-        attention_dropout=float(
-            hf.get("attention_probs_dropout_prob", hf.get("attention_dropout", 0.0)) or 0.0
-        ),
-        pre_norm=pre_norm, final_norm=final_norm, layer_norm_eps=float(hf["layer_norm_eps"]),
-        activation=_activation(hf, where), causal=causal, remat="none",
-    )
+EXPORTS = {"bert": "BertModel", "vit": "ViTModel", "clip": "CLIPModel", "siglip": "SiglipModel",
+           "siglip_vision": "SiglipVisionModel"}
 
 
 def model_from_hf(architecture: str, hf: dict, keys: set[str], base: dict, where: str):
@@ -58,12 +38,14 @@ def model_from_hf(architecture: str, hf: dict, keys: set[str], base: dict, where
     model = copy.deepcopy(base)
     kind, parts = IMPORTS[architecture]
     model["kind"] = kind
+    if architecture in siglip.ARCHITECTURES:
+        return siglip.model_from_hf(architecture, hf, model, where)
     head = model["head"]
     if architecture in ("BertModel", "XLMRobertaModel"):
         if hf.get("position_embedding_type", "absolute") != "absolute":
             raise UserError(f"{where}: position_embedding_type {hf['position_embedding_type']!r} "
                             "is not supported (only absolute)")
-        model["text_transformer"] = _transformer(hf, where, pre_norm=False, final_norm=False)
+        model["text_transformer"] = transformer(hf, where, pre_norm=False, final_norm=False)
         model["text_embeddings"] = dict(
             type_vocab_size=hf.get("type_vocab_size", 2), layer_norm=True,
             layer_norm_eps=float(hf["layer_norm_eps"]),
@@ -72,22 +54,24 @@ def model_from_hf(architecture: str, hf: dict, keys: set[str], base: dict, where
         head.update(text_pooling="cls", text_pooler="pooler.dense.weight" in keys)
         return model, hf["vocab_size"]
     if architecture == "ViTModel":
-        _check_vision(hf, where)
-        model["image_transformer"] = _transformer(hf, where, pre_norm=True, final_norm=True)
-        model["image_embeddings"] = dict(patch_bias=True, layer_norm=False, layer_norm_eps=1e-5)
+        check_vision(hf, where)
+        model["image_transformer"] = transformer(hf, where, pre_norm=True, final_norm=True)
+        model["image_embeddings"] = dict(patch_bias=True, layer_norm=False, layer_norm_eps=1e-5,
+                                         class_token=True)
         model.update(image_size=hf["image_size"], patch_size=hf["patch_size"])
         head.update(image_pooling="cls", image_pooler="pooler.dense.weight" in keys)
         return model, None
     if architecture == "CLIPModel":
         text, vision = hf["text_config"], hf["vision_config"]
-        _check_vision(vision, where)
-        model["text_transformer"] = _transformer(
+        check_vision(vision, where)
+        model["text_transformer"] = transformer(
             text, where, pre_norm=True, final_norm=True, causal=True
         )
         model["text_embeddings"] = dict(type_vocab_size=0, layer_norm=False, layer_norm_eps=1e-5)
-        model["image_transformer"] = _transformer(vision, where, pre_norm=True, final_norm=True)
+        model["image_transformer"] = transformer(vision, where, pre_norm=True, final_norm=True)
         model["image_embeddings"] = dict(
-            patch_bias=False, layer_norm=True, layer_norm_eps=float(vision["layer_norm_eps"])
+            patch_bias=False, layer_norm=True, layer_norm_eps=float(vision["layer_norm_eps"]),
+            class_token=True,
         )
         model.update(max_text_length=text["max_position_embeddings"],
                      image_size=vision["image_size"], patch_size=vision["patch_size"])
@@ -95,14 +79,15 @@ def model_from_hf(architecture: str, hf: dict, keys: set[str], base: dict, where
         head.update(
             embed_dim=hf["projection_dim"], text_pooling="last", image_pooling="cls",
             text_pooler=False, image_pooler=False, initial_temperature=math.exp(-scale),
-            max_logit_scale=100.0,
+            max_logit_scale=100.0, clip_logit_scale=True, image_projection=True,
+            text_projection_bias=False,
         )
         return model, text["vocab_size"]
     if architecture == "ViltModel":
-        _check_vision(hf, where)
+        check_vision(hf, where)
         if hf.get("modality_type_vocab_size", 2) != 2:
             raise UserError(f"{where}: modality_type_vocab_size must be 2 (text and image)")
-        model["transformer"] = _transformer(hf, where, pre_norm=True, final_norm=True)
+        model["transformer"] = transformer(hf, where, pre_norm=True, final_norm=True)
         model["text_embeddings"] = dict(
             type_vocab_size=hf.get("type_vocab_size", 2), layer_norm=True,
             layer_norm_eps=float(hf["layer_norm_eps"]),
@@ -113,11 +98,15 @@ def model_from_hf(architecture: str, hf: dict, keys: set[str], base: dict, where
     raise AssertionError(architecture)
 
 
-def _check_vision(hf: dict, where: str) -> None:
-    if hf.get("num_channels", 3) != 3:
-        raise UserError(f"{where}: num_channels {hf['num_channels']} is not supported (only 3)")
-    if not hf.get("qkv_bias", True):
-        raise UserError(f"{where}: qkv_bias false is not supported")
+def experiment_settings(architecture: str, model: dict) -> dict:
+    """{dotted experiment key: value} that a converted `architecture` needs beyond its model
+    section (SigLIP: its sigmoid loss); the converted config.py sets them."""
+    return siglip.experiment_settings(architecture, model) if architecture in siglip.ARCHITECTURES else {}
+
+
+def current_keys(architecture: str, state: dict) -> dict:
+    """The state dict under the names the rules use (older transformers named some otherwise)."""
+    return siglip.without_legacy_prefix(state) if architecture == siglip.VISION else state
 
 
 def position_offset(architecture: str, hf: dict) -> int:
@@ -125,64 +114,19 @@ def position_offset(architecture: str, hf: dict) -> int:
     return hf.get("pad_token_id", 1) + 1 if architecture == "XLMRobertaModel" else 0
 
 
-def _text_tower(model: dict, hf_prefix: str, style: str, offset: int = 0) -> list[Rule]:
-    t, emb = model["text_transformer"], model["text_embeddings"]
-    if style == "clip":
-        rules = [Rule("text_encoder/embeddings/token/embedding",
-                      f"{hf_prefix}embeddings.token_embedding.weight"),
-                 Rule("text_encoder/embeddings/position",
-                      f"{hf_prefix}embeddings.position_embedding.weight")]
-    else:
-        rules = [Rule("text_encoder/embeddings/token/embedding",
-                      f"{hf_prefix}embeddings.word_embeddings.weight"),
-                 Rule("text_encoder/embeddings/position",
-                      f"{hf_prefix}embeddings.position_embeddings.weight", offset=offset)]
-    if emb["type_vocab_size"]:
-        rules.append(Rule("text_encoder/embeddings/token_type/embedding",
-                          f"{hf_prefix}embeddings.token_type_embeddings.weight"))
-    if emb["layer_norm"]:
-        rules += layer_norm("text_encoder/embeddings/norm", f"{hf_prefix}embeddings.LayerNorm")
-    rules += encoder_blocks("text_encoder/encoder", hf_prefix, t["depth"], t["num_heads"], style)
-    if t["final_norm"]:
-        rules += layer_norm("text_encoder/encoder/final_norm", f"{hf_prefix}final_layer_norm")
-    return rules
-
-
-def _image_tower(model: dict, hf_prefix: str, style: str) -> list[Rule]:
-    t = model["image_transformer"]
-    e = "image_encoder/embeddings"
-    if style == "clip":
-        rules = [Rule(f"{e}/projection/kernel", f"{hf_prefix}embeddings.patch_embedding.weight", "conv"),
-                 Rule(f"{e}/class_token", f"{hf_prefix}embeddings.class_embedding", "vector_as_token"),
-                 Rule(f"{e}/position", f"{hf_prefix}embeddings.position_embedding.weight")]
-        rules += layer_norm(f"{e}/norm", f"{hf_prefix}pre_layrnorm")
-        final = f"{hf_prefix}post_layernorm"
-    else:
-        rules = _vit_patches(e, f"{hf_prefix}embeddings.")
-        final = f"{hf_prefix}layernorm"
-    rules += encoder_blocks("image_encoder/encoder", hf_prefix, t["depth"], t["num_heads"], style)
-    rules += layer_norm("image_encoder/encoder/final_norm", final)
-    return rules
-
-
-def _vit_patches(ours: str, hf: str) -> list[Rule]:
-    return [Rule(f"{ours}/projection/kernel", f"{hf}patch_embeddings.projection.weight", "conv"),
-            Rule(f"{ours}/projection/bias", f"{hf}patch_embeddings.projection.bias"),
-            Rule(f"{ours}/class_token", f"{hf}cls_token"),
-            Rule(f"{ours}/position", f"{hf}position_embeddings", "batch1")]
-
-
 def rules_for(architecture: str, model: dict, hf: dict) -> list[Rule]:
     """The rule table of `architecture` for our model section `model`."""
+    if architecture in siglip.ARCHITECTURES:
+        return siglip.rules_for(architecture, model)
     head = model["head"]
     if architecture in ("BertModel", "XLMRobertaModel"):
-        rules = _text_tower(model, "", "bert", position_offset(architecture, hf))
+        rules = text_tower(model, "", "bert", position_offset(architecture, hf))
         return rules + (dense("text_pooler", "pooler.dense") if head["text_pooler"] else [])
     if architecture == "ViTModel":
-        rules = _image_tower(model, "", "vit")
+        rules = image_tower(model, "", "vit")
         return rules + (dense("image_pooler", "pooler.dense") if head["image_pooler"] else [])
     if architecture == "CLIPModel":
-        return (_text_tower(model, "text_model.", "clip") + _image_tower(model, "vision_model.", "clip")
+        return (text_tower(model, "text_model.", "clip") + image_tower(model, "vision_model.", "clip")
                 + [Rule("text_projection/kernel", "text_projection.weight", "linear"),
                    Rule("image_projection/kernel", "visual_projection.weight", "linear"),
                    Rule("logit_scale/log_scale", "logit_scale")])
@@ -196,7 +140,7 @@ def rules_for(architecture: str, model: dict, hf: dict) -> list[Rule]:
             rules.append(Rule("joint/text_embeddings/token_type/embedding",
                               "embeddings.text_embeddings.token_type_embeddings.weight"))
         rules += layer_norm("joint/text_embeddings/norm", "embeddings.text_embeddings.LayerNorm")
-        rules += _vit_patches("joint/image_embeddings", "embeddings.")
+        rules += vit_patches("joint/image_embeddings", "embeddings.")
         rules.append(Rule("joint/modality/embedding", "embeddings.token_type_embeddings.weight"))
         rules += encoder_blocks("joint/encoder", "", t["depth"], t["num_heads"], "vit")
         rules += layer_norm("joint/encoder/final_norm", "layernorm")
@@ -216,6 +160,7 @@ EXPORT_REQUIREMENTS = {
             ("image_transformer.final_norm", True, "ViT ends with a LayerNorm"),
             ("image_embeddings.patch_bias", True, "ViT's patch projection has a bias"),
             ("image_embeddings.layer_norm", False, "ViT does not normalise its embeddings"),
+            ("image_embeddings.class_token", True, "ViT has a class token"),
             ("image_transformer.causal", False, "ViT attends both ways")],
     "clip": [("kind", "dual", "CLIP is a dual encoder"),
              ("text_transformer.pre_norm", True, "CLIP is pre-LN"),
@@ -228,10 +173,14 @@ EXPORT_REQUIREMENTS = {
              ("image_transformer.causal", False, "CLIP's image attention is not causal"),
              ("image_embeddings.patch_bias", False, "CLIP's patch projection has no bias"),
              ("image_embeddings.layer_norm", True, "CLIP normalises the image embeddings"),
+             ("image_embeddings.class_token", True, "CLIP has a class token"),
              ("head.text_pooling", "last", "CLIP pools the end-of-text token"),
              ("head.image_pooling", "cls", "CLIP pools the class token"),
              ("head.text_pooler", False, "CLIP has no pooler"),
-             ("head.image_pooler", False, "CLIP has no pooler")],
+             ("head.image_pooler", False, "CLIP has no pooler"),
+             ("head.image_projection", True, "CLIP projects the pooled image token"),
+             ("head.text_projection_bias", False, "CLIP's projections have no bias")],
+    **siglip.REQUIREMENTS,
 }
 
 
@@ -253,14 +202,10 @@ def check_exportable(arch: str, model: dict, where: str) -> None:
                         "epsilon differs from the image transformer's (CLIP has one)")
 
 
-def _hf_transformer(t: dict) -> dict:
-    return dict(hidden_size=t["width"], num_hidden_layers=t["depth"],
-                num_attention_heads=t["num_heads"], intermediate_size=t["mlp_dim"],
-                hidden_act=HF_ACTIVATIONS[t["activation"]], layer_norm_eps=t["layer_norm_eps"])
-
-
 def hf_config_for(arch: str, model: dict, vocab_size: int | None, original: dict | None) -> dict:
     """The config.json of an export; ids the model does not know come from `original` if given."""
+    if arch in siglip.REQUIREMENTS:
+        return siglip.hf_config_for(arch, model, vocab_size, original)
     if arch == "bert":
         t = model["text_transformer"]
         return dict(
@@ -268,7 +213,7 @@ def hf_config_for(arch: str, model: dict, vocab_size: int | None, original: dict
             max_position_embeddings=model["max_text_length"],
             type_vocab_size=model["text_embeddings"]["type_vocab_size"],
             hidden_dropout_prob=t["dropout"], attention_probs_dropout_prob=t["attention_dropout"],
-            pad_token_id=(original or {}).get("pad_token_id", 0), **_hf_transformer(t),
+            pad_token_id=(original or {}).get("pad_token_id", 0), **hf_transformer(t),
         )
     if arch == "vit":
         t = model["image_transformer"]
@@ -276,7 +221,7 @@ def hf_config_for(arch: str, model: dict, vocab_size: int | None, original: dict
             architectures=["ViTModel"], model_type="vit", image_size=model["image_size"],
             patch_size=model["patch_size"], num_channels=3, qkv_bias=True,
             hidden_dropout_prob=t["dropout"], attention_probs_dropout_prob=t["attention_dropout"],
-            **_hf_transformer(t),
+            **hf_transformer(t),
         )
     original_text = (original or {}).get("text_config", {})
     # Without the original config, CLIP's convention: end-of-text is the last id, start the one
@@ -292,10 +237,10 @@ def hf_config_for(arch: str, model: dict, vocab_size: int | None, original: dict
         ),
         text_config=dict(model_type="clip_text_model", vocab_size=vocab_size,
                          max_position_embeddings=model["max_text_length"],
-                         **_hf_transformer(model["text_transformer"]), **ids),
+                         **hf_transformer(model["text_transformer"]), **ids),
         vision_config=dict(model_type="clip_vision_model", image_size=model["image_size"],
                            patch_size=model["patch_size"], num_channels=3,
-                           **_hf_transformer(model["image_transformer"])),
+                           **hf_transformer(model["image_transformer"])),
     )
 
 

@@ -19,7 +19,8 @@ def add_arguments(sub: argparse.ArgumentParser, default_config: str) -> None:
     sub.add_argument("--to", help="with --from hf: the vlretrieval run folder to write (new)")
     sub.add_argument("--to-hf", dest="to_hf",
                      help="with --from vlretrieval: the Hugging Face folder to write (new)")
-    sub.add_argument("--arch", help="with --to-hf: bert (text tower), vit (image tower) or clip")
+    sub.add_argument("--arch", help="with --to-hf: bert (text tower), vit (image tower), clip, "
+                     "siglip, or siglip_vision (SigLIP's image tower)")
     sub.add_argument("--config", default=default_config,
                      help="with --from hf: the experiment config the converted model goes into "
                      "(its model section is replaced), optionally FILE:ARG")
@@ -55,13 +56,14 @@ def run_convert(args: argparse.Namespace, overrides: list[str]) -> int:
                      f"{', '.join(initialised)}")
         return 0
     if source_format == "vlretrieval":
+        from vlretrieval.convert import architectures, hf_out
+
         if not args.to_hf or not args.arch or args.to:
-            raise UserError("--from vlretrieval CKPT takes --to-hf OUTDIR and --arch bert|vit|clip")
+            raise UserError("--from vlretrieval CKPT takes --to-hf OUTDIR and --arch "
+                            f"{'|'.join(architectures.EXPORTS)}")
         if overrides or args.image_size or args.max_text_length:
             raise UserError("--from vlretrieval takes no config overrides, --image_size or "
                             "--max_text_length (the checkpoint's config is used)")
-        from vlretrieval.convert import hf_out
-
         notes = hf_out.export(path, args.to_hf, args.arch)
         log.info(f"exported {path} as {args.arch} into {args.to_hf}")
         for note in notes:

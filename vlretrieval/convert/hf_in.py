@@ -109,7 +109,7 @@ def convert_folder(
     define (e.g. the other tower). Position tables are resized to `image_size` (interpolated)
     and cut to `max_text_length` when those are given."""
     hf_config, architecture = read_config(folder)
-    state = read_weights(folder)
+    state = architectures.current_keys(architecture, read_weights(folder))
     where = os.path.join(folder, "config.json")
     try:
         model, vocab_size = architectures.model_from_hf(

@@ -32,7 +32,8 @@ PART_KEYS = {
     "text": ("text_transformer", "text_embeddings", "head.text_pooling", "head.text_pooler"),
     "image": ("image_transformer", "image_embeddings", "patch_size", "head.image_pooling",
               "head.image_pooler"),
-    "projections": ("head.embed_dim",),
+    "projections": ("head.embed_dim", "head.image_projection", "head.text_projection_bias",
+                    "head.clip_logit_scale"),
     "joint": ("transformer", "text_embeddings.type_vocab_size",
               "text_embeddings.layer_norm_eps", "patch_size"),
 }

@@ -3,13 +3,14 @@
 A converted folder is laid out like a training workdir, so `eval --workdir`, `--init_from` and
 `convert --to-hf` read it as they read any run:
   checkpoints/0/      orbax: the state (step 0) and the experiment config, as `checkpoint.py` saves
-  config.py           the experiment config (`--config` base + the converted model section)
+  config.py           the experiment config (`--config` base + the converted model section + the
+                      settings the architecture needs, e.g. SigLIP's sigmoid loss)
   model.json          that model section
   conversion.json     source, architecture, parameters converted and parameters initialised
   tokenizer/          the source's tokenizer files, when it has them
-A complete model (CLIP, ViLT) is saved as a whole train state; a single tower (BERT, XLM-R, ViT)
-as its parameters only, for `--init_from`. Everything is written into a temporary folder that is
-renamed at the end, so a failure leaves nothing behind.
+A complete model (CLIP, SigLIP, ViLT) is saved as a whole train state; a single tower (BERT,
+XLM-R, ViT, SigLIP's vision tower) as its parameters only, for `--init_from`. Everything is
+written into a temporary folder that is renamed at the end, so a failure leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 from flax import traverse_util
 
 from vlretrieval.checkpoint import find_checkpoint, read_saved_params
+from vlretrieval.convert import architectures
 from vlretrieval.errors import UserError
 from vlretrieval.models import layout
 
@@ -47,6 +49,8 @@ from vlretrieval.config import load_config_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BASE = {base!r}
+# What the converted architecture needs of the experiment beyond its model (e.g. SigLIP's loss).
+SETTINGS = {settings!r}
 
 
 def get_config(arg=None):
@@ -55,6 +59,12 @@ def get_config(arg=None):
     with open(os.path.join(HERE, "model.json")) as handle:
         config.model = ml_collections.ConfigDict(json.load(handle))
     config.data.max_text_length = min(config.data.max_text_length, config.model.max_text_length)
+    for key, value in SETTINGS.items():
+        *parents, name = key.split(".")
+        section = config
+        for parent in parents:
+            section = section[parent]
+        section[name] = value
     if os.path.isdir(os.path.join(HERE, "tokenizer")):
         config.data.tokenizer = os.path.join(HERE, "tokenizer")
     return config
@@ -88,6 +98,8 @@ def write_converted(converted, outdir: str, base_config, base_spec: str, source:
     config = ml_collections.ConfigDict(base_config.to_dict())
     config.model = ml_collections.ConfigDict(converted.model)
     config.data.max_text_length = min(config.data.max_text_length, converted.model["max_text_length"])
+    settings = architectures.experiment_settings(converted.architecture, converted.model)
+    _apply(config, settings)  # as config.py does, so the checkpoint's config is the same
     tokenizer_files = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(source, n))]
     if tokenizer_files:
         config.data.tokenizer = os.path.join(outdir, "tokenizer")
@@ -103,7 +115,7 @@ def write_converted(converted, outdir: str, base_config, base_spec: str, source:
         with open(os.path.join(temporary, "config.py"), "w") as handle:
             handle.write(CONFIG_PY.format(
                 source=os.path.abspath(source), architecture=converted.architecture,
-                base=_absolute_spec(base_spec),
+                base=_absolute_spec(base_spec), settings=settings,
                 tokenizer_note=" and its tokenizer (tokenizer/)" if tokenizer_files else "",
             ))
         with open(os.path.join(temporary, CONVERSION_FILE), "w") as handle:
@@ -118,6 +130,15 @@ def write_converted(converted, outdir: str, base_config, base_spec: str, source:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
     return initialised
+
+
+def _apply(config, settings: dict) -> None:
+    for key, value in settings.items():
+        *parents, name = key.split(".")
+        section = config
+        for parent in parents:
+            section = section[parent]
+        section[name] = value
 
 
 def _absolute_spec(spec: str) -> str:

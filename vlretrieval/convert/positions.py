@@ -2,8 +2,9 @@
 
 A text table longer than needed is cut exactly (positions past the text length are never read).
 An image grid for another image size is resized bilinearly on its 2-D layout, the class token's
-row kept as it is: the usual way to fine-tune a ViT at another resolution. It is an
-approximation: the model's outputs at the new size are not those of any HF forward.
+row (where there is one: SigLIP has none) kept as it is: the usual way to fine-tune a ViT at
+another resolution. It is an approximation: the model's outputs at the new size are not those of
+any HF forward.
 """
 
 from __future__ import annotations
@@ -18,21 +19,23 @@ TEXT_POSITIONS = ("text_encoder/embeddings/position", "joint/text_embeddings/pos
 IMAGE_POSITIONS = ("image_encoder/embeddings/position", "joint/image_embeddings/position")
 
 
-def interpolate_grid(table: np.ndarray, new_grid: int) -> np.ndarray:
-    """[1 + g*g, width] (class token first) -> [1 + new_grid**2, width]."""
+def interpolate_grid(table: np.ndarray, new_grid: int, class_token: bool = True) -> np.ndarray:
+    """[1 + g*g, width] (class token first) -> [1 + new_grid**2, width]; without a class token
+    [g*g, width] -> [new_grid**2, width]."""
     import jax
     import jax.numpy as jnp
 
-    grid = math.isqrt(table.shape[0] - 1)
-    if grid * grid != table.shape[0] - 1:
+    first = 1 if class_token else 0
+    grid = math.isqrt(table.shape[0] - first)
+    if grid * grid != table.shape[0] - first:
         raise UserError(f"an image position table of {table.shape[0]} rows is not a square grid")
     if grid == new_grid:
         return table
-    patches = table[1:].reshape(grid, grid, table.shape[1])
+    patches = table[first:].reshape(grid, grid, table.shape[1])
     resized = jax.image.resize(
         jnp.asarray(patches), (new_grid, new_grid, table.shape[1]), method="linear", antialias=False
     )
-    return np.concatenate([table[:1], np.asarray(resized).reshape(-1, table.shape[1])])
+    return np.concatenate([table[:first], np.asarray(resized).reshape(-1, table.shape[1])])
 
 
 def resize(converted, *, image_size: int | None = None, max_text_length: int | None = None):
@@ -59,7 +62,10 @@ def resize(converted, *, image_size: int | None = None, max_text_length: int | N
             raise UserError(f"image size {image_size} is not a multiple of the patch size {patch}")
         for path in IMAGE_POSITIONS:
             if path in params and model["image_size"] != image_size:
-                params[path] = interpolate_grid(params[path], image_size // patch)
+                # The joint model's patches always have a class token; a tower's may not.
+                class_token = (path.startswith("joint/")
+                               or model.get("image_embeddings", {}).get("class_token", True))
+                params[path] = interpolate_grid(params[path], image_size // patch, class_token)
                 converted.notes.append(
                     f"image positions interpolated from {model['image_size']} to {image_size} pixels"
                 )

@@ -62,6 +62,9 @@ LAYOUTS = {
     "vector_as_token": (  # CLIP's class embedding [w] <-> our class token [1, 1, w]
         lambda x, h: x.reshape(1, 1, -1), lambda x, h: x.reshape(-1), lambda s: (s[-1],),
     ),
+    "scalar_as_vector": (  # SigLIP's logit scale and bias [1] <-> our scalars []
+        lambda x, h: x.reshape(()), lambda x, h: x.reshape(1), lambda s: (1,),
+    ),
 }
 
 

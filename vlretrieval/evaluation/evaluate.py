@@ -86,7 +86,7 @@ def subset(split: dict[str, Any], max_images: int) -> dict[str, Any]:
     }
 
 
-def _encoders(model, params) -> tuple[Callable, Callable]:
+def encoders(model, params) -> tuple[Callable, Callable]:
     """(images -> embeddings, (token ids, mask) -> embeddings), jitted with the parameters as
     arguments, not closed-over constants baked into the program."""
     encode_image = jax.jit(lambda p, images: model.apply({"params": p}, images, method=model.encode_image))
@@ -132,7 +132,7 @@ def evaluate_split(
         raise ValueError(f"unknown evaluation mode {mode!r}; choose one of {MODES}")
     check_ties(ties)
     params = parallel.replicate(params, mesh)
-    encode_image, encode_text = _encoders(model, params)
+    encode_image, encode_text = encoders(model, params)
     images = NormalizedImages(split["images"])  # array or this host's share (`pipeline.HostImages`)
     image_owners = np.arange(len(images))
     if image_embeddings is None:

@@ -30,6 +30,7 @@ class ImageEmbeddingConfig:
     patch_bias: bool = True  # CLIP's patch projection has no bias
     layer_norm: bool = False  # CLIP normalises the embeddings before the encoder ("pre-LN")
     layer_norm_eps: float = 1e-5
+    class_token: bool = True  # SigLIP has none: its attention-pooling head reads the patches
 
 
 class TextEmbeddings(nn.Module):

@@ -11,7 +11,8 @@ import ml_collections
 from vlretrieval.errors import UserError
 from vlretrieval.models.embeddings import ImageEmbeddingConfig, TextEmbeddingConfig
 from vlretrieval.models.joint import JointConfig
-from vlretrieval.models.towers import POOLINGS, DecomposedVLTransformer, DualEncoder, TowerHead
+from vlretrieval.models.pooling import IMAGE_POOLINGS, TEXT_POOLINGS
+from vlretrieval.models.towers import DecomposedVLTransformer, DualEncoder, TowerHead
 from vlretrieval.models.transformer import (
     ATTENTION_IMPLEMENTATIONS,
     COMPUTE_DTYPES,
@@ -66,12 +67,15 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int):
     head = _dataclass_from(TowerHead, config.head, "model.head")
     text_embeddings = _optional_section(TextEmbeddingConfig, config, "text_embeddings")
     image_embeddings = _optional_section(ImageEmbeddingConfig, config, "image_embeddings")
-    for name in ("text_pooling", "image_pooling"):
-        if getattr(head, name) not in POOLINGS:
-            raise UserError(f"config.model.head.{name} must be one of {POOLINGS}")
+    for name, choices in (("text_pooling", TEXT_POOLINGS), ("image_pooling", IMAGE_POOLINGS)):
+        if getattr(head, name) not in choices:
+            raise UserError(f"config.model.head.{name} must be one of {choices}")
     if config.kind == "decomposed":
+        transformer = _transformer(config, "transformer", wide)
+        # The joint model's image embeddings always have a class token.
+        _check_image_head(head, ImageEmbeddingConfig(), transformer.width)
         joint = JointConfig(
-            transformer=_transformer(config, "transformer", wide),
+            transformer=transformer,
             vocab_size=vocab_size,
             max_text_length=config.max_text_length,
             image_size=config.image_size,
@@ -81,8 +85,10 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int):
         )
         return DecomposedVLTransformer(joint, head)
     if config.kind == "dual":
+        image_transformer = _transformer(config, "image_transformer", wide)
+        _check_image_head(head, image_embeddings, image_transformer.width)
         return DualEncoder(
-            image_transformer=_transformer(config, "image_transformer", wide),
+            image_transformer=image_transformer,
             text_transformer=_transformer(config, "text_transformer", wide),
             vocab_size=vocab_size,
             max_text_length=config.max_text_length,
@@ -93,6 +99,16 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int):
             image_embeddings=image_embeddings,
         )
     raise UserError(f"config.model.kind is {config.kind!r}; choose one of {MODEL_KINDS}")
+
+
+def _check_image_head(head: TowerHead, embeddings: ImageEmbeddingConfig, width: int) -> None:
+    if head.image_pooling == "cls" and not embeddings.class_token:
+        raise UserError("config.model.head.image_pooling=cls needs a class token: set "
+                        "config.model.image_embeddings.class_token=true or choose another pooling")
+    if not head.image_projection and head.embed_dim != width:
+        raise UserError(f"config.model.head.image_projection=false makes the pooled image output "
+                        f"the embedding: config.model.head.embed_dim ({head.embed_dim}) must equal "
+                        f"the image width ({width})")
 
 
 def example_inputs(model, batch_size: int = 2) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -3,7 +3,8 @@
 Two models share that interface:
 - `DecomposedVLTransformer` (VLDeformer): both towers run the one `JointVLTransformer` on a single
   modality, so there is exactly one copy of the transformer weights (params["joint"]).
-- `DualEncoder` (CLIP/MURAL): an independent ViT and text transformer.
+- `DualEncoder` (CLIP/MURAL/SigLIP): an independent ViT and text transformer.
+Pooling (a token, a mean, SigLIP's attention-pooling head) lives in `pooling.py`.
 Both hold a learnable temperature (and, for the sigmoid loss, a learnable logit bias); `__call__`
 returns what the contrastive losses need.
 """
@@ -24,23 +25,8 @@ from vlretrieval.models.embeddings import (
     TextEmbeddings,
 )
 from vlretrieval.models.joint import JointConfig, JointVLTransformer
+from vlretrieval.models.pooling import AttentionPoolingHead, pool
 from vlretrieval.models.transformer import Encoder, TransformerConfig
-
-POOLINGS = ("cls", "mean", "last")
-
-
-def pool(sequence: jax.Array, mask: jax.Array, method: str) -> jax.Array:
-    """Class-token pooling, a mean over real tokens only (padding never counts), or the last real
-    token (CLIP's end-of-text token, which its tokenizer puts last)."""
-    if method == "cls":
-        return sequence[:, 0]
-    if method == "last":
-        last = jnp.maximum(mask.astype(jnp.int32).sum(axis=1) - 1, 0)
-        return jnp.take_along_axis(sequence, last[:, None, None], axis=1)[:, 0]
-    if method == "mean":
-        weights = mask.astype(sequence.dtype)[..., None]
-        return (sequence * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1.0)
-    raise ValueError(f"unknown pooling {method!r}; choose one of {POOLINGS}")
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -48,16 +34,20 @@ def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
 
 
 class LogitScale(nn.Module):
-    """Learnable inverse temperature, stored as a log and clipped (CLIP clips the scale at 100)."""
+    """Learnable inverse temperature, stored as a log and clipped to [1, max_scale] (CLIP clips the
+    scale at 100), or not clipped at all (SigLIP: its checkpoints hold scales above 100)."""
 
     initial_temperature: float = 0.07
     max_scale: float = 100.0
+    clipped: bool = True
 
     @nn.compact
     def __call__(self) -> jax.Array:
         log_scale = self.param(
             "log_scale", nn.initializers.constant(math.log(1.0 / self.initial_temperature)), ()
         )
+        if not self.clipped:
+            return jnp.exp(log_scale)
         return jnp.exp(jnp.clip(log_scale, 0.0, math.log(self.max_scale)))
 
 
@@ -66,22 +56,30 @@ class TowerHead:
     """How a tower turns a sequence into an embedding."""
 
     embed_dim: int = 128
-    text_pooling: str = "mean"
-    image_pooling: str = "cls"
+    text_pooling: str = "mean"  # one of pooling.TEXT_POOLINGS
+    image_pooling: str = "cls"  # one of pooling.IMAGE_POOLINGS ("map": SigLIP's attention pooling)
     initial_temperature: float = 0.07
     max_logit_scale: float = 100.0
+    # False: the learned scale is used unclipped, as SigLIP trains it (max_logit_scale unused).
+    clip_logit_scale: bool = True
     # SigLIP's learnable logit bias (the sigmoid loss needs it; softmax is blind to it).
     logit_bias: bool = False
     initial_logit_bias: float = -10.0
     # BERT/ViT poolers: a dense + tanh on the pooled token, before the projection.
     text_pooler: bool = False
     image_pooler: bool = False
+    # False: the pooled image output is the embedding, no projection (SigLIP, whose attention
+    # pooling head ends the tower; embed_dim must then equal the image width).
+    image_projection: bool = True
+    # SigLIP's text head is a linear layer with a bias; CLIP's projections have none.
+    text_projection_bias: bool = False
 
 
 class _RetrievalModel(nn.Module):
     """What both tower models share: pool, project and normalise a modality's sequence.
 
-    Subclasses define `text_sequence`, `image_sequence`, `head` and the projections/scale.
+    Subclasses define `text_sequence`, `image_sequence`, `head`, `image_transformer` (the image
+    tower's TransformerConfig) and the widths.
     """
 
     def pool_text(self, sequence: jax.Array, text_mask: jax.Array) -> jax.Array:
@@ -89,10 +87,12 @@ class _RetrievalModel(nn.Module):
         pooled = pool(sequence, text_mask, self.head.text_pooling)
         return jnp.tanh(self.text_pooler(pooled)) if self.head.text_pooler else pooled
 
-    def pool_image(self, sequence: jax.Array) -> jax.Array:
+    def pool_image(self, sequence: jax.Array, *, train: bool = False) -> jax.Array:
         """The image tower's pooled output, before the projection."""
-        mask = jnp.ones(sequence.shape[:2], jnp.int32)
-        pooled = pool(sequence, mask, self.head.image_pooling)
+        if self.head.image_pooling == "map":
+            pooled = self.image_pooling_head(sequence, train=train)
+        else:
+            pooled = pool(sequence, jnp.ones(sequence.shape[:2], jnp.int32), self.head.image_pooling)
         return jnp.tanh(self.image_pooler(pooled)) if self.head.image_pooler else pooled
 
     def encode_text(
@@ -102,17 +102,22 @@ class _RetrievalModel(nn.Module):
         return l2_normalize(self.text_projection(self.pool_text(sequence, text_mask)))
 
     def encode_image(self, images: jax.Array, *, train: bool = False) -> jax.Array:
-        sequence = self.image_sequence(images, train=train)
-        return l2_normalize(self.image_projection(self.pool_image(sequence)))
+        pooled = self.pool_image(self.image_sequence(images, train=train), train=train)
+        return l2_normalize(self.image_projection(pooled) if self.head.image_projection else pooled)
 
     def make_heads(self):
-        self.text_projection = nn.Dense(self.head.embed_dim, use_bias=False)
-        self.image_projection = nn.Dense(self.head.embed_dim, use_bias=False)
+        self.text_projection = nn.Dense(self.head.embed_dim, use_bias=self.head.text_projection_bias)
+        if self.head.image_projection:
+            self.image_projection = nn.Dense(self.head.embed_dim, use_bias=False)
+        if self.head.image_pooling == "map":
+            self.image_pooling_head = AttentionPoolingHead(self.image_transformer)
         if self.head.text_pooler:
             self.text_pooler = nn.Dense(self.text_width)
         if self.head.image_pooler:
             self.image_pooler = nn.Dense(self.image_width)
-        self.logit_scale = LogitScale(self.head.initial_temperature, self.head.max_logit_scale)
+        self.logit_scale = LogitScale(
+            self.head.initial_temperature, self.head.max_logit_scale, self.head.clip_logit_scale
+        )
         if self.head.logit_bias:
             self.logit_bias = self.param(
                 "logit_bias", nn.initializers.constant(self.head.initial_logit_bias), ()
@@ -147,6 +152,10 @@ class DecomposedVLTransformer(_RetrievalModel):
 
     image_width = text_width
 
+    @property
+    def image_transformer(self) -> TransformerConfig:
+        return self.config.transformer
+
     def text_sequence(self, token_ids, text_mask, *, train=False):
         return self.joint.encode_text_sequence(token_ids, text_mask, train=train)
 
@@ -180,7 +189,7 @@ class ImageTransformer(nn.Module):
         options = self.embeddings
         x = PatchEmbeddings(
             self.image_size, self.patch_size, self.transformer.width, name="embeddings",
-            patch_bias=options.patch_bias,
+            patch_bias=options.patch_bias, class_token=options.class_token,
             layer_norm=options.layer_norm, layer_norm_eps=options.layer_norm_eps,
             compute_dtype=self.transformer.compute_dtype,
         )(images, train=train)

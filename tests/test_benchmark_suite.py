@@ -1,0 +1,104 @@
+"""`vlretrieval benchmark`: a suite over the demo data, a Karpathy-layout fixture and an image
+folder in one command; every output agrees with the others and with `vlretrieval eval`; each
+dataset's images are embedded once; missing data is skipped with the reason."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests import layout_fixtures
+from tests.helpers import assert_nested_close
+from vlretrieval import cli
+from vlretrieval.config import load_config
+from vlretrieval.data import datasets
+from vlretrieval.data.builders import demo_scenes
+from vlretrieval.evaluation.checkpoints import evaluate_checkpoint
+from vlretrieval.train import train_and_evaluate
+
+COLOURS = {"red": (220, 20, 20), "green": (20, 170, 40), "blue": (30, 40, 220)}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    base = tmp_path_factory.mktemp("suite")
+    data_dir = str(base / "data")
+    tokenizer = demo_scenes.demo_tokenizer_path(
+        datasets.open_dataset(load_config("configs/demo.py:tiny", [f"data.data_dir={data_dir}"]).data, seed=0).builder
+    )
+    overrides = [f"data.data_dir={data_dir}", f"data.tokenizer={tokenizer}"]
+    workdir = str(base / "run")
+    train_and_evaluate(load_config("configs/demo.py:tiny", overrides), workdir, progress=False)
+    return base, workdir, overrides
+
+
+def _image_folder(root):
+    for colour, rgb in COLOURS.items():
+        folder = root / "test" / f"{colour}_square"
+        folder.mkdir(parents=True)
+        for number in range(3):
+            pixels = np.zeros((64, 64, 3), np.uint8)
+            pixels[16 + number:48, 16:48 - number] = rgb
+            Image.fromarray(pixels).save(folder / f"{number}.png")
+
+
+def test_a_suite_runs_in_one_command_and_every_output_agrees(trained, monkeypatch):
+    base, workdir, overrides = trained
+    karpathy = layout_fixtures.make_karpathy(base / "karpathy", "coco")
+    _image_folder(base / "shapes")
+    suite = {"tasks": [
+        {"name": "demo", "task": "retrieval", "split": "test", "languages": ["en", "de"], "dataset": {}},
+        {"name": "demo-fr", "task": "retrieval", "split": "test", "languages": ["fr"], "dataset": {}},
+        {"name": "coco", "task": "retrieval", "split": "test", "languages": ["en"],
+         "dataset": {"name": "karpathy", "manual_dir": karpathy.source_dir}},
+        {"name": "shapes", "task": "zero_shot_classification", "split": "test",
+         "dataset": {"layout": "image_folder", "root": str(base / "shapes")},
+         "templates": "configs/zero_shot/simple_templates.json"},
+        {"name": "absent", "task": "zero_shot_classification", "split": "test",
+         "dataset": {"layout": "image_folder", "root": str(base / "no_such_folder")},
+         "templates": "configs/zero_shot/simple_templates.json"},
+    ]}
+    suite_path = base / "suite.json"
+    suite_path.write_text(json.dumps(suite))
+    output = base / "benchmark"
+    assert cli.run(["benchmark", "--config", "configs/demo.py:tiny", "--workdir", workdir, "--no_progress",
+                    "--suite", str(suite_path), "--output", str(output),
+                    *(f"--config.{override}" for override in overrides)]) == 0
+    merged = json.loads((output / "suite.json").read_text())
+    # demo and demo-fr share the demo test split: its images were embedded once; so were the others'.
+    assert sorted(merged["image_passes"].values()) == [1, 1, 1]
+    rows = {(r["name"], r.get("language")): r for r in merged["results"]}
+    assert rows[("absent", None)]["skipped"] and "no_such_folder" in rows[("absent", None)]["skipped"]
+    # The suite's demo figures are `vlretrieval eval`'s on the same split.
+    evaluated = evaluate_checkpoint(load_config("configs/demo.py:tiny", overrides), workdir)
+    for language in ("en", "de", "fr"):
+        name = "demo-fr" if language == "fr" else "demo"
+        assert_nested_close(rows[(name, language)]["metrics"], evaluated["languages"][language])
+    # Every file says the same numbers: per-result JSON (CLIP_benchmark's names, fractions), CSV, Markdown.
+    coco = json.loads((output / "coco_en_retrieval.json").read_text())
+    assert coco["task"] == "zeroshot_retrieval" and coco["language"] == "en"
+    assert coco["metrics"]["image_retrieval_recall@5"] == pytest.approx(
+        rows[("coco", "en")]["metrics"]["text_to_image"]["R@5"] / 100)
+    shapes = json.loads((output / "shapes_en_zero_shot_classification.json").read_text())
+    assert shapes["task"] == "zeroshot_classification"
+    assert shapes["metrics"]["acc1"] == pytest.approx(rows[("shapes", None)]["metrics"]["top1"] / 100)
+    assert rows[("shapes", None)]["metrics"]["num_classes"] == 3
+    with open(output / "results.csv") as handle:
+        table = {(r["dataset"], r["language"]): r for r in csv.DictReader(handle)}
+    demo_de = evaluated["languages"]["de"]["text_to_image"]["R@1"]
+    assert float(table[("demo", "de")]["T→I R@1"]) == pytest.approx(demo_de, abs=1e-4)
+    assert float(table[("shapes", "")]["top-1"]) == pytest.approx(rows[("shapes", None)]["metrics"]["top1"])
+    assert "no_such_folder" in table[("absent", "")]["skipped"]
+    markdown = (output / "results.md").read_text()
+    demo_en = evaluated["languages"]["en"]
+    assert f"| demo | en | {demo_en['text_to_image']['R@1']:.1f} |" in markdown
+    assert "## Skipped" in markdown and "absent" in markdown
+    for plot in ("retrieval.png", "zero_shot_classification.png"):
+        assert Image.open(output / plot).size[0] > 100
+    assert sorted(os.listdir(output)) == sorted([
+        "demo_en_retrieval.json", "demo_de_retrieval.json", "demo-fr_fr_retrieval.json", "coco_en_retrieval.json",
+        "shapes_en_zero_shot_classification.json", "suite.json", "results.csv", "results.md", "retrieval.png",
+        "zero_shot_classification.png"])
