@@ -34,7 +34,6 @@ VOCAB, TEXT_POSITIONS, IMAGE, PATCH = 100, 16, 32, 8
 SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 # Above CLIP's clip at 100: a converted scale that were clipped would break the logits.
 LOGIT_SCALE = 120.0
-MEASURED = {}  # max abs differences, printed by the last test (pytest -s)
 
 
 def _randomise(model):
@@ -108,7 +107,6 @@ def images(batch=3, size=IMAGE, seed=1):
 
 def record(name, got, want):
     difference = float(np.max(np.abs(np.asarray(got) - np.asarray(want))))
-    MEASURED[name] = difference
     assert difference < TOLERANCE, f"{name}: max abs difference {difference:.3g}"
 
 
@@ -277,7 +275,6 @@ def test_converted_siglip_trains_with_the_sigmoid_loss(siglip, tmp_path, capsys)
         state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))
     # The first step's loss is SigLIP's own (HF's return_loss): the sigmoid loss, not softmax.
-    MEASURED["siglip first-step loss vs HF return_loss"] = abs(losses[0] - float(want))
     assert abs(losses[0] - float(want)) < 1e-4 * max(1.0, float(want)), (losses[0], float(want))
     assert losses[-1] < 0.5 * losses[0], losses
 
@@ -321,12 +318,10 @@ def test_tokenizer_files_travel_with_the_converted_siglip(siglip_with_tokenizer,
     assert record_["architecture"] == "SiglipModel"
 
 
-@pytest.mark.xfail(strict=True, reason="vlretrieval/data/tokenizer.py wants a start token (SigLIP's "
-                   "spiece.model has none: `text </s>`) and pads with <pad>, not SigLIP's </s>")
 def test_our_tokenizer_gives_siglip_tokenizer_ids(siglip_with_tokenizer):
     source, reference = siglip_with_tokenizer
     from vlretrieval.data.tokenizer import load_tokenizer
-    texts = ["a photo of a cat", "two dogs"]
+    texts = ["a photo of a cat", "two dogs", "A Photo, of  TWO... cats!", "a much longer caption that is cut at twelve"]
     ids, mask = load_tokenizer(str(source)).encode(texts, 12)
     want = reference(texts, padding="max_length", max_length=12, truncation=True)
     np.testing.assert_array_equal(ids, want["input_ids"])
@@ -352,9 +347,3 @@ def test_unsupported_siglip_variants_fail_with_one_line(siglip, siglip_vision, t
     code, _, err = run_cli(capsys, "convert", "--from", "vlretrieval", str(ours), "--to-hf",
                            str(tmp_path / "clip"), "--arch", "clip")
     assert code == 2 and "text_transformer.causal" in err and not (tmp_path / "clip").exists()
-
-
-def test_print_measured_differences():
-    """Not a check: prints what the comparisons above measured (pytest -s shows it)."""
-    for name, difference in sorted(MEASURED.items()):
-        print(f"max abs difference {name}: {difference:.2e}")

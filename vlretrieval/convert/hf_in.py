@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
-from vlretrieval.convert import architectures, positions
+from vlretrieval.convert import architectures, positions, sentence_transformers
 from vlretrieval.convert.rules import hf_shape, to_ours
 from vlretrieval.errors import UserError, first_line
 from vlretrieval.models import layout
@@ -108,15 +108,28 @@ def convert_folder(
     """Reads an HF folder into our parameters; `base_model` fills what the HF model does not
     define (e.g. the other tower). Position tables are resized to `image_size` (interpolated)
     and cut to `max_text_length` when those are given."""
-    hf_config, architecture = read_config(folder)
-    state = architectures.current_keys(architecture, read_weights(folder))
-    where = os.path.join(folder, "config.json")
+    sentence_layout = sentence_transformers.read_layout(folder)
+    model_folder = sentence_layout.transformer_dir if sentence_layout else folder
+    hf_config, architecture = read_config(model_folder)
+    state = architectures.current_keys(architecture, read_weights(model_folder))
+    where = os.path.join(model_folder, "config.json")
     try:
         model, vocab_size = architectures.model_from_hf(
             architecture, hf_config, set(state), base_model, where
         )
     except KeyError as error:
         raise UserError(f"{where} lacks {error.args[0]!r}, which {architecture} needs") from None
+    notes = []
+    if sentence_layout is not None:  # the folder's declared pooling, not the architecture's default
+        if "text" not in architectures.IMPORTS[architecture][1]:
+            raise UserError(f"{folder}: a sentence-transformers folder must hold a text model, not {architecture}")
+        model["head"]["text_pooling"] = sentence_layout.pooling
+        # sentence-transformers pools the token states; BERT's pooler (dense + tanh) is not used.
+        model["head"]["text_pooler"] = False
+        for name in [name for name in state if name.startswith("pooler.")]:
+            del state[name]
+        notes.append(f"sentence-transformers pooling: {sentence_layout.pooling}"
+                     + (" (then normalised; our embeddings always are)" if sentence_layout.normalize else ""))
     rules = architectures.rules_for(architecture, model, hf_config)
     expected = expected_shapes(model, vocab_size or 1)
     params = {}
@@ -135,7 +148,7 @@ def convert_folder(
         raise UserError(f"{folder}: parameter {extra[0]} (and {len(extra) - 1} more) is not part "
                         f"of {architecture}; a model with heads is not supported")
     _, parts = architectures.IMPORTS[architecture]
-    converted = Converted(architecture, parts, model, vocab_size, params, hf_config, [])
+    converted = Converted(architecture, parts, model, vocab_size, params, hf_config, notes)
     return positions.resize(converted, image_size=image_size, max_text_length=max_text_length)
 
 

@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 
 _RUN_OPTIONS = ("dropout", "attention_dropout", "remat")  # how to train, not what to compute
 PART_KEYS = {
-    "text": ("text_transformer", "text_embeddings", "head.text_pooling", "head.text_pooler"),
+    # Not head.text_pooling: how a sentence vector is pooled is a choice, not a property of the
+    # weights (a BERT tower may be fine-tuned with mean pooling, as sentence-transformers does).
+    "text": ("text_transformer", "text_embeddings", "head.text_pooler"),
     "image": ("image_transformer", "image_embeddings", "patch_size", "head.image_pooling",
               "head.image_pooler"),
     "projections": ("head.embed_dim", "head.image_projection", "head.text_projection_bias",

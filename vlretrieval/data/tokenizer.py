@@ -6,7 +6,10 @@ fixed-shape int32 arrays (ids and mask) ready to be stacked into a batch and sha
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import string
 import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -22,8 +25,8 @@ from vlretrieval.files import replaced_atomically
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4 in a trained tokenizer
 # Names of the same roles in the tokenizers people bring (BERT, XLM-R/RoBERTa, CLIP).
 _PAD_NAMES = ("[PAD]", "<pad>", "<|pad|>")
-_CLS_NAMES = ("[CLS]", "<s>", "<|startoftext|>")
-_SEP_NAMES = ("[SEP]", "</s>", "<|endoftext|>")
+_CLS_NAMES = ("[CLS]", "<s>", "<|startoftext|>", "<bos>")  # <bos>/<eos>: Gemma's (SigLIP 2)
+_SEP_NAMES = ("[SEP]", "</s>", "<|endoftext|>", "<eos>")
 _MASK_NAMES = ("[MASK]", "<mask>")
 
 
@@ -94,7 +97,9 @@ def _count_words(tokenizer: tokenizers.Tokenizer, texts: Iterable[str]) -> Count
 class TextTokenizer:
     """A `tokenizers.Tokenizer` that encodes batches into fixed-length int32 ids and masks."""
 
-    def __init__(self, tokenizer: tokenizers.Tokenizer, source: str = "the tokenizer") -> None:
+    def __init__(self, tokenizer: tokenizers.Tokenizer, source: str = "the tokenizer", *,
+                 needs_start: bool = True) -> None:
+        """`needs_start=False`: a tokenizer that marks only the end of a text (SigLIP's `text </s>`)."""
         self._tokenizer = tokenizer
         # One configured copy per max_length: encoding never mutates a tokenizer another caller
         # (or thread) is using, and the tokenizer's own saved padding/truncation are overridden.
@@ -104,12 +109,13 @@ class TextTokenizer:
         cls_id, sep_id = _first_id(tokenizer, _CLS_NAMES), _first_id(tokenizer, _SEP_NAMES)
         for role, value, names in (("padding", pad_id, _PAD_NAMES), ("start", cls_id, _CLS_NAMES),
                                    ("end", sep_id, _SEP_NAMES)):
-            if value is None:
+            if value is None and not (role == "start" and not needs_start):
                 raise UserError(
                     f"{source} has no {role} token (none of {', '.join(names)}): "
                     "use a BERT-style tokenizer"
                 )
-        self._pad_id, self._cls_id, self._sep_id = int(pad_id), int(cls_id), int(sep_id)
+        self._pad_id, self._sep_id = int(pad_id), int(sep_id)
+        self._cls_id = None if cls_id is None else int(cls_id)
         self._mask_id = _first_id(tokenizer, _MASK_NAMES)
 
     @property
@@ -127,7 +133,7 @@ class TextTokenizer:
         return self._pad_id
 
     @property
-    def cls_id(self) -> int:
+    def cls_id(self) -> int | None:
         return self._cls_id
 
     @property
@@ -201,6 +207,8 @@ def load_tokenizer(path: str) -> TextTokenizer:
             f"tokenizer path {path} does not exist: "
             "pass a tokenizer.json file or a folder holding one"
         )
+    if location.is_dir() and _tokenizer_class(location) == "SiglipTokenizer":
+        return _load_siglip(location)
     if location.is_dir() and not (location / "tokenizer.json").is_file():
         models_here = [location / name for name in SENTENCEPIECE_NAMES if (location / name).is_file()]
         if models_here:
@@ -223,22 +231,58 @@ def load_tokenizer(path: str) -> TextTokenizer:
     return TextTokenizer(tokenizer, source=f"tokenizer {file}")
 
 
-def _load_sentencepiece(file: Path) -> TextTokenizer:
-    """A SentencePiece unigram model as a `tokenizers` tokenizer (same pieces, same ids), with
-    `<s> text </s>` added around every text as XLM-R and mT5-style encoders expect."""
+def _tokenizer_class(folder: Path) -> str | None:
+    config = folder / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text()).get("tokenizer_class")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"tokenizer config {config} is not JSON") from None
+
+
+def _spm_unigram(file: Path) -> tokenizers.Tokenizer:
     try:
         # `from_spm` imports the model's protobuf schema as a top-level module; the sentencepiece
         # package ships it as a submodule, so point the name at that.
         from sentencepiece import sentencepiece_model_pb2
 
         sys.modules.setdefault("sentencepiece_model_pb2", sentencepiece_model_pb2)
-        tokenizer = tokenizers.SentencePieceUnigramTokenizer.from_spm(os.fspath(file))
+        return tokenizers.SentencePieceUnigramTokenizer.from_spm(os.fspath(file))
     except Exception as error:  # protobuf / sentencepiece missing, or not a unigram model
         reason = first_line(error)
         raise UserError(
             f"cannot read SentencePiece model {file} ({reason}): it must be a unigram model, "
             "and the sentencepiece and protobuf packages must be installed"
         ) from error
+
+
+def _load_siglip(folder: Path) -> TextTokenizer:
+    """SigLIP's tokenizer (transformers' `SiglipTokenizer`, from big_vision): text lowercased, ASCII
+    punctuation removed and whitespace collapsed before its SentencePiece model; `text </s>` with
+    no start token; padded with `</s>`."""
+    model = next((folder / name for name in SENTENCEPIECE_NAMES if (folder / name).is_file()), None)
+    if model is None:
+        names = ", ".join(SENTENCEPIECE_NAMES)
+        raise UserError(f"SigLIP tokenizer folder {folder} has no SentencePiece model ({names})")
+    tokenizer = _spm_unigram(model)
+    punctuation = "[" + re.escape(string.punctuation) + "]"
+    canonical = [normalizers.Lowercase(), normalizers.Replace(tokenizers.Regex(punctuation), ""),
+                 normalizers.Replace(tokenizers.Regex(r"\s+"), " "), normalizers.Strip()]
+    own = [tokenizer.normalizer] if tokenizer.normalizer else []
+    tokenizer.normalizer = normalizers.Sequence([*canonical, *own])
+    end = tokenizer.token_to_id("</s>")
+    if end is None:
+        raise UserError(f"SigLIP tokenizer {model} has no </s> token")
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", end)])
+    tokenizer.enable_padding(pad_id=end, pad_token="</s>")
+    return TextTokenizer(tokenizer, source=f"SigLIP tokenizer {folder}", needs_start=False)
+
+
+def _load_sentencepiece(file: Path) -> TextTokenizer:
+    """A SentencePiece unigram model as a `tokenizers` tokenizer (same pieces, same ids), with
+    `<s> text </s>` added around every text as XLM-R and mT5-style encoders expect."""
+    tokenizer = _spm_unigram(file)
     start, end = _first_id(tokenizer, _CLS_NAMES), _first_id(tokenizer, _SEP_NAMES)
     if start is not None and end is not None:
         tokenizer.post_processor = processors.TemplateProcessing(

@@ -10,14 +10,14 @@ from vlretrieval.models.transformer import Mlp, TransformerConfig, explicit_atte
 
 # "last": the last real token (CLIP's end-of-text, which its tokenizer puts last); "last_position":
 # the sequence's last position whatever the mask (SigLIP, whose texts are padded to full length).
-TEXT_POOLINGS = ("cls", "mean", "last", "last_position")
+TEXT_POOLINGS = ("cls", "mean", "max", "last", "last_position")
 # "map": SigLIP's multihead attention pooling (`AttentionPoolingHead`, its own parameters).
 IMAGE_POOLINGS = (*TEXT_POOLINGS, "map")
 
 
 def pool(sequence: jax.Array, mask: jax.Array, method: str) -> jax.Array:
-    """A token (class, last real or last position) or a mean over real tokens only (padding never
-    counts) of `sequence` [batch, length, width]."""
+    """A token (class, last real or last position), or a mean or a max over real tokens only
+    (padding never counts) of `sequence` [batch, length, width]."""
     if method == "cls":
         return sequence[:, 0]
     if method == "last":
@@ -28,6 +28,9 @@ def pool(sequence: jax.Array, mask: jax.Array, method: str) -> jax.Array:
     if method == "mean":
         weights = mask.astype(sequence.dtype)[..., None]
         return (sequence * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1.0)
+    if method == "max":  # over real tokens only (sentence-transformers' max pooling)
+        lowest = jnp.finfo(sequence.dtype).min
+        return jnp.where(mask.astype(bool)[..., None], sequence, lowest).max(axis=1)
     raise ValueError(f"unknown pooling {method!r}; choose one of {TEXT_POOLINGS}")
 
 
