@@ -133,7 +133,8 @@ def _parser() -> argparse.ArgumentParser:
     benchmark_command.add_argument("--suite", required=True, help="the suite file (JSON: docs/benchmark.md)")
     benchmark_command.add_argument("--output", help="where the results go (default: WORKDIR/benchmark)")
     convert_help = ("Convert checkpoints: a Hugging Face folder (BertModel, XLMRobertaModel, "
-                    "ViTModel, CLIPModel, ViltModel) to a vlretrieval run folder, or a "
+                    "ViTModel, CLIPModel, SiglipModel, SiglipVisionModel, ViltModel, or a "
+                    "sentence-transformers folder) to a vlretrieval run folder, or a "
                     "vlretrieval checkpoint's towers to a Hugging Face folder.")
     from vlretrieval.convert.command import add_arguments
 

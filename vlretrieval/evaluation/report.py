@@ -91,12 +91,27 @@ def _recall_points(entry: dict[str, Any]) -> tuple[list[int], list[float]]:
     return ks, [entry[f"R@{k}"] for k in ks]
 
 
-def write_report(results: dict[str, Any], workdir: str, stem: str = "results") -> list[str]:
-    """Write `<stem>.md`, `<stem>_recall_at_k.png` and (with languages) `<stem>_languages.png`."""
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display: files only)."""
     import matplotlib
 
-    matplotlib.use("Agg")  # no display: files only
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(figure, path: str) -> str:
+    """Lay out, write as a PNG and close `figure`; returns `path`."""
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    pyplot().close(figure)
+    return path
+
+
+def write_report(results: dict[str, Any], workdir: str, stem: str = "results") -> list[str]:
+    """Write `<stem>.md`, `<stem>_recall_at_k.png` and (with languages) `<stem>_languages.png`."""
+    plt = pyplot()
 
     written = []
     path = os.path.join(workdir, f"{stem}.md")
@@ -120,11 +135,7 @@ def write_report(results: dict[str, Any], workdir: str, stem: str = "results") -
             axis.grid(alpha=0.3)
         axes[0].set_ylabel("R@K (%)")
         axes[1].legend(fontsize=8)
-        figure.tight_layout()
-        path = os.path.join(workdir, f"{stem}_recall_at_k.png")
-        figure.savefig(path, dpi=100)
-        plt.close(figure)
-        written.append(path)
+        written.append(save_figure(figure, os.path.join(workdir, f"{stem}_recall_at_k.png")))
 
     languages = list(results["languages"])
     bars = [(f"{ARROWS[d]} R@1", (d, "R@1")) for d in DIRECTIONS if "R@1" in results["average"].get(d, {})]
@@ -140,9 +151,5 @@ def write_report(results: dict[str, Any], workdir: str, stem: str = "results") -
         axis.set_ylabel("%")
         axis.set_title("per language")
         axis.legend(fontsize=8)
-        figure.tight_layout()
-        path = os.path.join(workdir, f"{stem}_languages.png")
-        figure.savefig(path, dpi=100)
-        plt.close(figure)
-        written.append(path)
+        written.append(save_figure(figure, os.path.join(workdir, f"{stem}_languages.png")))
     return written

@@ -16,6 +16,7 @@ import os
 import re
 from typing import Any
 
+from vlretrieval.evaluation import report
 from vlretrieval.files import replaced_atomically
 
 CLIP_BENCHMARK_TASKS = {"retrieval": "zeroshot_retrieval", "zero_shot_classification": "zeroshot_classification"}
@@ -131,11 +132,7 @@ def _write_markdown(path: str, results: list[dict]) -> str:
 
 
 def _write_plots(output: str, rows: list[dict]) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = report.pyplot()
     written = []
     for task, title, value in (
         ("retrieval", "mean recall (%)", lambda row: row["metrics"]["mean_recall"]),
@@ -150,9 +147,5 @@ def _write_plots(output: str, rows: list[dict]) -> list[str]:
         axis.set_xticks(range(len(chosen)), labels, rotation=30, ha="right")
         axis.set_ylabel(title)
         axis.set_ylim(0, 100)
-        figure.tight_layout()
-        path = os.path.join(output, f"{task}.png")
-        figure.savefig(path, dpi=100)
-        plt.close(figure)
-        written.append(path)
+        written.append(report.save_figure(figure, os.path.join(output, f"{task}.png")))
     return written
