@@ -64,12 +64,24 @@ def test_a_suite_runs_in_one_command_and_every_output_agrees(trained, monkeypatc
     suite_path = base / "suite.json"
     suite_path.write_text(json.dumps(suite))
     output = base / "benchmark"
+    # Count every image embedding pass, wherever it is made (the suite, evaluate_split, zero-shot).
+    from vlretrieval.data import pipeline
+    from vlretrieval.evaluation import evaluate, zero_shot
+
+    image_passes, embed = [], evaluate.embed_in_batches
+    def counting(encode, arrays, *args, **kwargs):
+        if isinstance(arrays[0], pipeline.NormalizedImages):
+            image_passes.append(len(arrays[0]))
+        return embed(encode, arrays, *args, **kwargs)
+    monkeypatch.setattr(evaluate, "embed_in_batches", counting)
+    monkeypatch.setattr(zero_shot, "embed_in_batches", counting)
     assert cli.run(["benchmark", "--config", "configs/demo.py:tiny", "--workdir", workdir, "--no_progress",
                     "--suite", str(suite_path), "--output", str(output),
                     *(f"--config.{override}" for override in overrides)]) == 0
     merged = json.loads((output / "suite.json").read_text())
     # demo and demo-fr share the demo test split: its images were embedded once; so were the others'.
     assert sorted(merged["image_passes"].values()) == [1, 1, 1]
+    assert sorted(image_passes) == [2, 9, 64]  # coco's 2 test images, the 9 shapes, the demo's 64
     rows = {(r["name"], r.get("language")): r for r in merged["results"]}
     assert rows[("absent", None)]["skipped"] and "no_such_folder" in rows[("absent", None)]["skipped"]
     # The suite's demo figures are `vlretrieval eval`'s on the same split.
