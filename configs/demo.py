@@ -219,8 +219,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval.step = 0
     config.eval.fallback = False
     # Metrics reported in towers mode (vlretrieval/metrics.py): recall, rank, mean_recall,
-    # paired_recall, map, map_at_r, hamming.
+    # paired_recall, map, map_at_r, hamming, ndcg (graded by ROUGE-L between captions: TERAN's
+    # protocol, evaluation/relevance.py) at each K of ndcg_at.
     config.eval.metrics = ("recall", "rank", "mean_recall")
+    config.eval.ndcg_at = (25,)
     config.eval.ties = "index"  # ties with negatives: index | pessimistic | optimistic | expected (docs/search.md)
     # Exact top-k / ranks by blocks on the device: memory O(query_chunk x gallery_chunk).
     config.eval.query_chunk = 1024

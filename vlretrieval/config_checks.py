@@ -161,6 +161,7 @@ RULES = (
     Rule("eval.split", non_empty_text),
     Rule("eval.batch_size", integer(1)),
     Rule("eval.recall_at", integers(1)),
+    Rule("eval.ndcg_at", integers(1)),
     Rule("eval.shortlist", integer(1)),
     Rule("eval.pair_batch_size", integer(1)),
     Rule("eval.max_images", integer(0)),

@@ -97,6 +97,7 @@ def evaluate_checkpoint(
         check_queries=None if saved_index is None else index_file.query_checker(saved_index, config.eval.index),
         search_options=dict(query_chunk=config.eval.query_chunk, gallery_chunk=config.eval.gallery_chunk,
                             score_dtype=config.eval.score_dtype),
+        ndcg_at=tuple(config.eval.get("ndcg_at", (25,))),
     )
     results["split"] = config.eval.split
     results["step"] = None if step is None else int(step)

@@ -114,6 +114,7 @@ def evaluate_split(
     image_embeddings: np.ndarray | None = None,
     check_queries: Callable[[np.ndarray], None] | None = None,
     search_options: dict[str, Any] | None = None,
+    ndcg_at: Sequence[int] = (25,),
 ) -> dict[str, Any]:
     """Per-language and average retrieval metrics on a split loaded by `pipeline.load_split`.
 
@@ -154,7 +155,8 @@ def evaluate_split(
             check_queries(text_embeddings)
         if mode == "towers":
             per_language[language] = bidirectional_metrics(
-                image_embeddings, text_embeddings, owners, recall_at, metrics, ties, **(search_options or {})
+                image_embeddings, text_embeddings, owners, recall_at, metrics, ties, captions=texts,
+                ndcg_at=ndcg_at, **(search_options or {})
             )
             continue
         pairs = (token_ids, text_mask, images)

@@ -33,7 +33,7 @@ from vlretrieval.errors import UserError
 from vlretrieval.evaluation import search
 
 DIRECTIONS = ("text_to_image", "image_to_text")
-METRICS = ("recall", "rank", "mean_recall", "paired_recall", "map", "map_at_r", "hamming")
+METRICS = ("recall", "rank", "mean_recall", "paired_recall", "map", "map_at_r", "hamming", "ndcg")
 DEFAULT_METRICS = ("recall", "rank", "mean_recall")
 TIES = search.TIES
 DEFAULT_TIES = "index"  # agrees with CLIP_benchmark's top-k
@@ -172,11 +172,14 @@ def bidirectional_metrics(
     recall_at: Sequence[int] = (1, 5, 10),
     metrics: Sequence[str] = DEFAULT_METRICS,
     ties: str = DEFAULT_TIES,
+    captions: Sequence[str] | None = None,
+    ndcg_at: Sequence[int] = (25,),
     **search_options,
 ) -> dict[str, Any]:
     """The selected metrics both ways for a gallery of images and captions; `text_owners[j]` is
-    caption j's image; R@K and ranks under the tie policy `ties` (`TIES`). `search_options` go to
-    `search.rank_counts` (chunk sizes, score dtype, mesh)."""
+    caption j's image; R@K and ranks under the tie policy `ties` (`TIES`). "ndcg" needs the
+    `captions` themselves (ROUGE-L relevance, `relevance.py`), at each K of `ndcg_at`.
+    `search_options` go to `search.rank_counts` (chunk sizes, score dtype, mesh)."""
     metrics, ties = check_metrics(metrics), check_ties(ties)
     text_owners = np.asarray(text_owners)
     image_owners = np.arange(len(image_embeddings))
@@ -201,6 +204,14 @@ def bidirectional_metrics(
                 results[direction]["mAP"] = average
             if "map_at_r" in metrics:
                 results[direction]["mAP@R"] = at_r
+    if "ndcg" in metrics:
+        if captions is None:
+            raise ValueError("the ndcg metric needs the captions (its relevance is ROUGE-L between them)")
+        from vlretrieval.evaluation.relevance import ndcg_both_ways
+
+        for direction, values in ndcg_both_ways(image_embeddings, text_embeddings, captions, text_owners,
+                                                 ndcg_at, **search_options).items():
+            results[direction].update(values)
     if "paired_recall" in metrics:
         # 1:1 pairs: each captioned image with its first caption; the positive is that one item.
         captioned, first = np.unique(text_owners, return_index=True)

@@ -185,7 +185,7 @@ def _retrieval(task: Task, config, model, params, tokenizer, embedder: _Embedder
         model, params, split, tokenizer, mesh=mesh, batch_size=config.eval.batch_size,
         max_text_length=config.data.max_text_length, recall_at=config.eval.recall_at,
         metrics=metrics.check_metrics(config.eval.metrics), ties=metrics.check_ties(config.eval.ties),
-        image_embeddings=image_embeddings,
+        image_embeddings=image_embeddings, ndcg_at=tuple(config.eval.get("ndcg_at", (25,))),
     )
     return [{"language": language, "metrics": values, "num_images": results["num_images"]}
             for language, values in results["languages"].items()]
