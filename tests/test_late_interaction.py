@@ -1,0 +1,57 @@
+"""TERAN's late-interaction score against a loop-by-loop numpy reference, for each aggregation;
+padding words and regions never change a score."""
+
+import numpy as np
+import pytest
+
+from vlretrieval.late_interaction import AGGREGATIONS, pair_scores
+
+
+def reference(words, word_mask, regions, region_mask, aggregation):
+    scores = np.zeros((len(words), len(regions)))
+    for t, (w, wm) in enumerate(zip(words, word_mask)):
+        real_words = [x / np.linalg.norm(x) for x, m in zip(w, wm) if m]
+        for i, (r, rm) in enumerate(zip(regions, region_mask)):
+            real_regions = [x / np.linalg.norm(x) for x, m in zip(r, rm) if m]
+            matrix = np.array([[a @ b for b in real_regions] for a in real_words])
+            per_word = matrix.max(axis=1)
+            if aggregation == "max_sum":
+                scores[t, i] = per_word.sum()
+            elif aggregation == "max_mean":
+                scores[t, i] = per_word.mean()
+            else:
+                scores[t, i] = 0.5 * (per_word.mean() + matrix.max(axis=0).mean())
+    return scores
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_scores_equal_the_reference_and_padding_changes_nothing(aggregation):
+    rng = np.random.default_rng(0)
+    words = rng.normal(size=(3, 5, 8)).astype(np.float32)
+    word_mask = np.array([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]])
+    regions = rng.normal(size=(4, 6, 8)).astype(np.float32)
+    region_mask = np.array([[1] * 6, [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
+    got = np.asarray(pair_scores(words, word_mask, regions, region_mask, aggregation))
+    np.testing.assert_allclose(got, reference(words, word_mask, regions, region_mask, aggregation), atol=1e-5)
+    # Padding: other values in the padded positions, and more padding, give the same scores.
+    noisy_words = np.where(word_mask[..., None] == 1, words, 100 * rng.normal(size=words.shape)).astype(np.float32)
+    noisy_regions = np.concatenate([np.where(region_mask[..., None] == 1, regions, 50.0),
+                                    rng.normal(size=(4, 3, 8))], axis=1).astype(np.float32)
+    wider_mask = np.concatenate([region_mask, np.zeros((4, 3), int)], axis=1)
+    np.testing.assert_allclose(np.asarray(pair_scores(noisy_words, word_mask, noisy_regions, wider_mask, aggregation)),
+                               got, atol=1e-6)
+
+
+def test_a_hand_made_pair_scores_as_worked_out():
+    # Two words, two regions, orthogonal unit vectors: word 0 matches region 1 exactly, word 1
+    # lies halfway between the regions (cosine 1/sqrt(2) with both).
+    words = np.array([[[0.0, 1.0], [1.0, 1.0]]], np.float32)
+    regions = np.array([[[1.0, 0.0], [0.0, 1.0]]], np.float32)
+    masks = np.ones((1, 2)), np.ones((1, 2))
+    half = 1 / np.sqrt(2)
+    assert float(pair_scores(words, masks[0], regions, masks[1], "max_sum")[0, 0]) == pytest.approx(1 + half)
+    assert float(pair_scores(words, masks[0], regions, masks[1], "max_mean")[0, 0]) == pytest.approx((1 + half) / 2)
+    # Region 0's best word is word 1 (1/sqrt(2)), region 1's is word 0 (1).
+    assert float(pair_scores(words, masks[0], regions, masks[1], "symmetric")[0, 0]) == pytest.approx((1 + half) / 2)
+    with pytest.raises(ValueError, match="unknown aggregation"):
+        pair_scores(words, masks[0], regions, masks[1], "mean_max")
