@@ -55,3 +55,32 @@ def test_a_hand_made_pair_scores_as_worked_out():
     assert float(pair_scores(words, masks[0], regions, masks[1], "symmetric")[0, 0]) == pytest.approx((1 + half) / 2)
     with pytest.raises(ValueError, match="unknown aggregation"):
         pair_scores(words, masks[0], regions, masks[1], "mean_max")
+
+
+@pytest.mark.parametrize("aggregation", ["max_mean", "symmetric"])
+def test_the_sharded_hinge_and_its_gradients_equal_one_device_on_1_2_4_8_devices(aggregation):
+    import jax
+
+    from vlretrieval import parallel
+    from vlretrieval.late_interaction import late_interaction_hinge
+
+    rng = np.random.default_rng(1)
+    words = rng.normal(size=(16, 6, 8)).astype(np.float32)
+    word_mask = (np.arange(6)[None, :] < rng.integers(2, 7, size=(16, 1))).astype(np.int32)
+    regions = rng.normal(size=(16, 5, 8)).astype(np.float32)
+    region_mask = (np.arange(5)[None, :] < rng.integers(1, 6, size=(16, 1))).astype(np.int32)
+    whole = lambda w, r: late_interaction_hinge(w, word_mask, r, region_mask, 0.2, aggregation, top_k=2)
+    want_loss, want_grads = jax.value_and_grad(whole, argnums=(0, 1))(words, regions)
+    assert float(want_loss) > 0
+    for devices in (1, 2, 4, 8):
+        mesh = parallel.make_mesh(devices)
+        sharded_loss = parallel.CrossDeviceLosses(mesh).late_interaction_hinge_loss
+        batch = parallel.global_batch({"w": words, "wm": word_mask, "r": regions, "rm": region_mask}, mesh)
+        def loss_of(w, r, wm, rm, loss_fn=sharded_loss):
+            return loss_fn(w, wm, r, rm, 0.2, aggregation, top_k=2)
+
+        step = jax.jit(jax.value_and_grad(loss_of, argnums=(0, 1)))
+        loss, grads = step(batch["w"], batch["r"], batch["wm"], batch["rm"])
+        np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-5, atol=1e-6)
+        for got, want in zip(grads, want_grads):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)

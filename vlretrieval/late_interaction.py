@@ -57,3 +57,22 @@ def pair_scores(words: jax.Array, word_mask: jax.Array, regions: jax.Array, regi
     region_side_mask = jnp.broadcast_to(region_mask.astype(bool)[None, :, :], best_word.shape)
     return 0.5 * (text_side + _masked_mean(best_word, region_side_mask))
 
+
+
+def hinge_rows(scores: jax.Array, first_positive: jax.Array | int, margin: float, top_k: int = 1) -> jax.Array:
+    """Sum over rows of the mean hinge against each row's `top_k` hardest negatives (VSE++'s
+    max-violation loss at top_k = 1), for rows whose positive is column `first_positive + row`."""
+    rows = jnp.arange(scores.shape[0])
+    negative = jnp.arange(scores.shape[1])[None, :] != (first_positive + rows)[:, None]
+    positive = jnp.take_along_axis(scores, (first_positive + rows)[:, None], axis=1)
+    violation = jnp.where(negative, jnp.maximum(margin + scores - positive, 0.0), 0.0)
+    return jax.lax.top_k(violation, top_k)[0].mean(axis=1).sum()
+
+
+def late_interaction_hinge(words, word_mask, regions, region_mask, margin: float = 0.2,
+                           aggregation: str = "max_mean", top_k: int = 1) -> jax.Array:
+    """TERAN's training loss on a whole batch: the hardest-negative hinge both ways over the
+    late-interaction scores (text i's positive is image i), averaged over the batch."""
+    scores = pair_scores(words, word_mask, regions, region_mask, aggregation)
+    both = hinge_rows(scores, 0, margin, top_k) + hinge_rows(scores.T, 0, margin, top_k)
+    return both / (2 * scores.shape[0])

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from vlretrieval import losses
+from vlretrieval import late_interaction, losses
 from vlretrieval.parallel.mesh import DATA_AXIS
 from vlretrieval.parallel.ring import ring_sigmoid, ring_softmax_direction, shard_map
 
@@ -97,4 +97,25 @@ class CrossDeviceLosses:
                       extra_image_negatives)
         return self._gathered_both_directions(
             losses.hinge_rows_loss, embeddings, (jnp.asarray(margin),), top_k=top_k
+        )
+
+    def late_interaction_hinge_loss(self, words, word_mask, regions, region_mask, margin=0.2,
+                                    aggregation="max_mean", top_k=1):
+        """`late_interaction.late_interaction_hinge` over the global batch: each device scores its
+        texts against every device's regions and every device's texts against its images, from
+        all-gathered sequences (memory O(b x B x words x regions) per device)."""
+
+        def local(words, word_mask, regions, region_mask, margin):
+            gather = lambda x: jax.lax.all_gather(x, DATA_AXIS, tiled=True)
+            first = jax.lax.axis_index(DATA_AXIS) * words.shape[0]
+            scores = late_interaction.pair_scores
+            text_rows = scores(words, word_mask, gather(regions), gather(region_mask), aggregation)
+            image_rows = scores(gather(words), gather(word_mask), regions, region_mask, aggregation).T
+            hinge = late_interaction.hinge_rows
+            total = hinge(text_rows, first, margin, top_k) + hinge(image_rows, first, margin, top_k)
+            return jax.lax.psum(total, DATA_AXIS) / (2 * words.shape[0] * jax.lax.psum(1, DATA_AXIS))
+
+        data, whole = PartitionSpec(DATA_AXIS), PartitionSpec()
+        return shard_map(local, self.mesh, (data,) * 4 + (whole,), whole)(
+            words, word_mask, regions, region_mask, jnp.asarray(margin, words.dtype)
         )
