@@ -5,6 +5,7 @@ dataset's images are embedded once; missing data is skipped with the reason."""
 import csv
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from vlretrieval import cli
 from vlretrieval.config import load_config
 from vlretrieval.data import datasets
 from vlretrieval.data.builders import demo_scenes
+from vlretrieval.data.tokenizer import load_tokenizer
 from vlretrieval.evaluation.checkpoints import evaluate_checkpoint
 from vlretrieval.train import train_and_evaluate
 
@@ -114,3 +116,33 @@ def test_a_suite_runs_in_one_command_and_every_output_agrees(trained, monkeypatc
         "demo_en_retrieval.json", "demo_de_retrieval.json", "demo-fr_fr_retrieval.json", "coco_en_retrieval.json",
         "shapes_en_zero_shot_classification.json", "suite.json", "results.csv", "results.md", "retrieval.png",
         "zero_shot_classification.png"])
+
+
+def test_a_converted_checkpoint_benchmarks_with_the_same_command(trained, tmp_path):
+    """A Hugging Face CLIPModel converted with `vlretrieval convert` (its tokenizer travelling
+    with it) is benchmarked like a trained run: its folder is the workdir, its config.py the config."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    base, _, overrides = trained
+    tokenizer = overrides[1].split("=", 1)[1]  # the demo's tokenizer.json: CLIP's vocabulary here
+    vocab = load_tokenizer(tokenizer).vocab_size
+    torch.manual_seed(0)
+    text = dict(vocab_size=vocab, max_position_embeddings=32, hidden_size=32, num_hidden_layers=1,
+                num_attention_heads=2, intermediate_size=64, eos_token_id=3, bos_token_id=2, pad_token_id=0)
+    vision = dict(image_size=64, patch_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  intermediate_size=64)
+    model = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    model.save_pretrained(str(tmp_path / "clip"))
+    shutil.copy(tokenizer, tmp_path / "clip" / "tokenizer.json")
+    assert cli.run(["convert", "--from", "hf", str(tmp_path / "clip"), "--to", str(tmp_path / "converted"),
+                    "--config", "configs/demo.py:tiny"]) == 0
+    suite_path = tmp_path / "suite.json"
+    suite_path.write_text(json.dumps({"tasks": [
+        {"name": "demo", "task": "retrieval", "split": "test", "languages": ["en"], "dataset": {}}]}))
+    data_dir = overrides[0].split("=", 1)[1]
+    assert cli.run(["benchmark", "--config", str(tmp_path / "converted" / "config.py"), "--workdir",
+                    str(tmp_path / "converted"), "--data_dir", data_dir, "--no_progress", "--suite", str(suite_path),
+                    "--output", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "demo_en_retrieval.json").read_text())
+    assert result["vlretrieval"]["step"] == 0 and result["vlretrieval"]["num_images"] == 64
+    assert 0 <= result["metrics"]["image_retrieval_recall@5"] <= 1
