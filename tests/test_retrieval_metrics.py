@@ -87,8 +87,8 @@ def test_hamming_retrieval_ranks_by_sign_agreement_not_cosine():
 
 
 def test_unknown_metric_is_refused():
-    with pytest.raises(UserError, match="unknown metric 'ndcg'"):
-        metrics.bidirectional_metrics(IMAGES, TEXTS, TEXT_OWNERS, (1,), ("recall", "ndcg"))
+    with pytest.raises(UserError, match="unknown metric 'ndgc'"):
+        metrics.bidirectional_metrics(IMAGES, TEXTS, TEXT_OWNERS, (1,), ("recall", "ndgc"))
 
 
 def independent_recall_at_k(queries, query_owners, gallery, gallery_owners, k):
@@ -107,14 +107,15 @@ def test_recall_matches_an_independent_implementation():
     owners = np.repeat(np.arange(60), rng.integers(1, 6, 60))  # 1 to 5 captions per image
     texts = unit(images[owners] + 0.9 * rng.normal(size=(len(owners), 12)))
     recall_at = (1, 5, 10)
-    result = metrics.bidirectional_metrics(images, texts, owners, recall_at, metrics.METRICS)
+    captions = [f"image {owner} caption {n}" for n, owner in enumerate(owners)]  # for ndcg's relevance
+    result = metrics.bidirectional_metrics(images, texts, owners, recall_at, metrics.METRICS, captions=captions)
     for k in recall_at:
         assert result["text_to_image"][f"R@{k}"] == pytest.approx(
             independent_recall_at_k(texts, owners, images, np.arange(60), k))
         assert result["image_to_text"][f"R@{k}"] == pytest.approx(
             independent_recall_at_k(images, np.arange(60), texts, owners, k))
     # Every selected metric is there, and the table shows R@K, mAP and mAP@R.
-    assert {"paired", "hamming", "mean_recall"} <= set(result)
+    assert {"paired", "hamming", "mean_recall"} <= set(result) and "NDCG@25" in result["text_to_image"]
     per_language = {"en": result, "de": result}
     table = format_table({"languages": per_language,
                           "average": metrics.average_over_languages(per_language)}, recall_at)

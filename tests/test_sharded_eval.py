@@ -30,7 +30,9 @@ def toy_metrics(mesh, batch_size: int = 6) -> dict:
     image_embeddings = evaluate.embed_in_batches(encode, [images], batch_size, mesh)
     text_embeddings = evaluate.embed_in_batches(encode, [texts], batch_size, mesh)
     return {
-        "metrics": metrics.bidirectional_metrics(image_embeddings, text_embeddings, owners, (1, 5), metrics.METRICS),
+        "metrics": metrics.bidirectional_metrics(
+            image_embeddings, text_embeddings, owners, (1, 5), metrics.METRICS,
+            captions=[f"image {owner} caption {n % 3}" for n, owner in enumerate(owners)]),
         "image_embeddings": image_embeddings.tolist(),
     }
 
