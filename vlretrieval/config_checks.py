@@ -84,20 +84,18 @@ def non_empty_text(value) -> str | None:
     return None if isinstance(value, str) and value.strip() else "a non-empty name"
 
 
+def _strings(value, non_empty: bool) -> bool:
+    """A list (not a str) of non-empty strings, itself non-empty if asked."""
+    return (isinstance(value, Sequence) and not isinstance(value, str) and (bool(value) or not non_empty)
+            and all(isinstance(item, str) and item for item in value))
+
+
 def languages(value) -> str | None:
-    if not isinstance(value, Sequence) or isinstance(value, str) or not value or not all(
-        isinstance(item, str) and item for item in value
-    ):
-        return "a non-empty list of language codes"
-    return None
+    return None if _strings(value, non_empty=True) else "a non-empty list of language codes"
 
 
 def patterns(value) -> str | None:
-    if not isinstance(value, Sequence) or isinstance(value, str) or not all(
-        isinstance(item, str) and item for item in value
-    ):
-        return "a list of regular expressions over parameter paths"
-    return None
+    return None if _strings(value, non_empty=False) else "a list of regular expressions over parameter paths"
 
 
 def multipliers(value) -> str | None:

@@ -38,6 +38,20 @@ def evaluation_split(config: ml_collections.ConfigDict, data) -> dict[str, Any]:
     )
 
 
+def towers_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """`evaluate_split`'s settings from `config.eval`, the same for `eval` and `benchmark`."""
+    return dict(
+        batch_size=config.eval.batch_size,
+        max_text_length=config.data.max_text_length,
+        recall_at=config.eval.recall_at,
+        metrics=metrics.check_metrics(config.eval.metrics),
+        ties=metrics.check_ties(config.eval.ties),
+        ndcg_at=tuple(config.eval.ndcg_at),
+        search_options=dict(query_chunk=config.eval.query_chunk, gallery_chunk=config.eval.gallery_chunk,
+                            score_dtype=config.eval.score_dtype),
+    )
+
+
 def restore_for_evaluation(config: ml_collections.ConfigDict, workdir: str):
     """(model, params, data, step) of the checkpoint in `workdir` that `config.eval.step` names
     (0: the latest; an unreadable latest one only gives way to an older one with
@@ -82,22 +96,15 @@ def evaluate_checkpoint(
         split,
         data.tokenizer,
         mesh=mesh,
-        batch_size=config.eval.batch_size,
-        max_text_length=config.data.max_text_length,
-        recall_at=config.eval.recall_at,
         mode=config.eval.mode,
         shortlist_size=config.eval.shortlist,
         pair_batch_size=config.eval.pair_batch_size,
         joint_params=joint_params,
         rerank_tower_weight=config.eval.rerank_tower_weight,
-        metrics=metrics.check_metrics(config.eval.metrics),
-        ties=metrics.check_ties(config.eval.ties),
         image_embeddings=None if saved_index is None else index_file.gallery_for_split(
             saved_index, config.eval.index, len(split["images"])),
         check_queries=None if saved_index is None else index_file.query_checker(saved_index, config.eval.index),
-        search_options=dict(query_chunk=config.eval.query_chunk, gallery_chunk=config.eval.gallery_chunk,
-                            score_dtype=config.eval.score_dtype),
-        ndcg_at=tuple(config.eval.get("ndcg_at", (25,))),
+        **towers_options(config),
     )
     results["split"] = config.eval.split
     results["step"] = None if step is None else int(step)

@@ -34,7 +34,8 @@ import numpy as np
 from vlretrieval import parallel
 from vlretrieval.data import datasets, pipeline
 from vlretrieval.errors import UserError
-from vlretrieval.evaluation import evaluate, metrics
+from vlretrieval.evaluation import evaluate
+from vlretrieval.evaluation.checkpoints import towers_options
 
 log = logging.getLogger(__name__)
 
@@ -182,10 +183,7 @@ def _retrieval(task: Task, config, model, params, tokenizer, embedder: _Embedder
     )
     image_embeddings = embedder.images(task.dataset_key(), split["images"])
     results = evaluate.evaluate_split(
-        model, params, split, tokenizer, mesh=mesh, batch_size=config.eval.batch_size,
-        max_text_length=config.data.max_text_length, recall_at=config.eval.recall_at,
-        metrics=metrics.check_metrics(config.eval.metrics), ties=metrics.check_ties(config.eval.ties),
-        image_embeddings=image_embeddings, ndcg_at=tuple(config.eval.get("ndcg_at", (25,))),
+        model, params, split, tokenizer, mesh=mesh, image_embeddings=image_embeddings, **towers_options(config)
     )
     return [{"language": language, "metrics": values, "num_images": results["num_images"]}
             for language, values in results["languages"].items()]
