@@ -64,6 +64,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.eval_dataset_dir = ""  # the prepared dataset a webdataset run evaluates on
     # Training images: a random crop of this area fraction, resized to model.image_size.
     config.data.crop_scale = (0.5, 1.0)
+    # Detector-region datasets (config.data.name = demo_regions | precomputed_regions |
+    # region_files, docs/regions.md): regions kept per image (the first, by the detector's order;
+    # fewer are padded) and each region's feature width (SCAN/TERAN's release: 36 and 2048).
+    config.data.num_regions = 6
+    config.data.region_feature_dim = 64
+    config.data.captions_per_image = 5  # precomputed_regions: caption lines per image in {split}_caps.txt
 
     config.model = ml_collections.ConfigDict()
     config.model.kind = "decomposed"  # or "dual"
@@ -112,6 +118,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.text_embeddings = ml_collections.ConfigDict(
         dict(type_vocab_size=2, layer_norm=True, layer_norm_eps=1e-12)
     )
+    # "patches" (pixels), or "regions": detector-region features with box geometry in place of
+    # pixels (docs/regions.md), from the region datasets (demo_regions, precomputed_regions,
+    # region_files); classes: the region labels masked object classification predicts (0: none).
+    config.model.image_input = "patches"
+    config.model.regions = ml_collections.ConfigDict()
+    config.model.regions.feature_dim = config.data.get_ref("region_feature_dim")
+    config.model.regions.num_regions = config.data.get_ref("num_regions")
+    config.model.regions.classes = 0
     config.model.image_embeddings = ml_collections.ConfigDict(
         dict(patch_bias=True, layer_norm=False, layer_norm_eps=1e-5, class_token=True)
     )
@@ -175,6 +189,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             text_text=0.0,
             text_text_temperature=0.0,  # 0: the model's learned temperature; else a fixed one
             text_text_margin=0.0,  # LaBSE's additive margin on the positive pair's cosine
+            # TERAN: the hinge (hinge_margin, hinge_top_k) over word x region late-interaction
+            # scores: max_mean (each word's best region, averaged), max_sum or symmetric.
+            late_interaction_hinge=0.0,
+            late_interaction_aggregation="max_mean",
+            # Masked region modelling (model.image_input=regions, the joint model): this fraction
+            # of real regions hidden; regress their features (MRFR) / classify their labels (MOC).
+            masked_region_features=0.0,
+            masked_region_classes=0.0,
+            region_mask_probability=0.15,
         )
     )
 
@@ -205,7 +228,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval.split = "test"
     config.eval.batch_size = 500
     config.eval.recall_at = (1, 5, 10)
-    config.eval.mode = "towers"  # or "joint" (ITM score of every pair) or "rerank"
+    # or "joint" (ITM score of every pair), "rerank" (the joint model re-orders the towers'
+    # shortlist), "late_interaction" (TERAN: every pair by word x region late interaction) or
+    # "late_interaction_rerank" (late interaction re-orders the towers' shortlist)
+    config.eval.mode = "towers"
+    config.eval.late_interaction_aggregation = "max_mean"  # or max_sum | symmetric
     config.eval.shortlist = 20  # candidates per query that rerank re-orders
     # Rerank by joint log-odds + this x tower cosine (0: the joint score alone).
     config.eval.rerank_tower_weight = 0.0

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,6 +71,13 @@ def run_folders(tmp_path_factory):
         (scratch / f"suite_{name}.json").write_text(json.dumps({"tasks": [task]}))
     (scratch / "tsv").mkdir()
     (scratch / "tsv" / "en-de.tsv").write_bytes("red square\tcaf\xe9 rot\n".encode("latin-1"))
+    # Region features: SCAN's layout with 14 caption lines for 3 images, a feature file 32 wide.
+    (scratch / "scan_short").mkdir()
+    np.save(scratch / "scan_short" / "test_ims.npy", np.zeros((3, 2, 64), np.float32))
+    (scratch / "scan_short" / "test_caps.txt").write_text("a caption\n" * 14)
+    (scratch / "regions_wide" / "features").mkdir(parents=True)
+    (scratch / "regions_wide" / "captions.jsonl").write_text('{"image": "x", "captions": ["a caption"]}\n')
+    np.save(scratch / "regions_wide" / "features" / "x.npy", np.zeros((2, 32), np.float32))
     return data, workdir, str(scratch)
 
 
@@ -104,6 +112,11 @@ CASES = [
     ("{train} --config.objectives.image_mix_fraction=2.0",
      "image_mix_fraction is 2.0"),
     ("{train} --config.objectives.contrastiv=1.0", "unknown config key"),
+    # region inputs: a model that wants regions on pixel data, region terms on a patch model
+    ("{train} --config.model.image_input=regions", "holds images, not region features"),
+    ("{train} --config.model.image_input=boxes", "config.model.image_input is 'boxes'"),
+    ("{train} --config.objectives.masked_region_features=1.0", "it needs config.model.image_input=regions"),
+    ("{train} --config.objectives.late_interaction_aggregation=max_max", "late_interaction_aggregation"),
     ("{train} --config.objectives.text_text=0.5 --config.bitext.tsv_dir={scratch}/tsv", "is not UTF-8 text"),
     ("train {tiny} --workdir {scratch}/a_file --data_dir {data}", "is a file"),
     ("train --config configs/missing.py --workdir {scratch}/w", "does not exist"),
@@ -149,6 +162,11 @@ CASES = [
     ("prepare-data {tiny} --data_dir {scratch}/d --config.data.num_train=0", "config.data.num_train is 0"),
     ("prepare-data {tiny} --data_dir {scratch}/d --config.data.max_text_length=1", "max_text_length is 1"),
     ("prepare-data {tiny} --data_dir {scratch}/d --config.data.languages=()", "config.data.languages"),
+    ("prepare-data {tiny} --data_dir {scratch}/d --config.data.name=region_files --config.data.tokenizer=unused "
+     "--config.data.manual_dir={scratch}/regions_wide", "x.npy: region features are 32 wide but "
+     "config.data.region_feature_dim is 64"),
+    ("prepare-data {tiny} --data_dir {scratch}/d --config.data.name=precomputed_regions --config.data.tokenizer=unused "
+     "--config.data.manual_dir={scratch}/scan_short", "test_caps.txt has 14 lines but"),
     # benchmark scripts
     ("benchmarks/loss_memory.py --global_batch 0", "--global_batch: 0 must be 1 or more"),
     ("benchmarks/search_speed.py --k 0", "--k: 0 must be 1 or more"),

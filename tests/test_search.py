@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from vlretrieval import parallel
-from vlretrieval.evaluation import search
+from vlretrieval.evaluation import blocks, search
 
 
 def reference_top_k(queries, gallery, k):
@@ -82,7 +82,7 @@ def test_ranks_equal_brute_force_with_ties_against_the_model():
 def test_grouped_block_top_k_with_ties_across_group_boundaries():
     """The block top k by group maxima: equal scores in many groups, runs straddling group edges
     and a k-th score shared by more groups than k: still the numpy (stable) order."""
-    assert search._group_size(4096, 10) == 16  # 256 groups: the grouped path
+    assert blocks.group_size(4096, 10) == 16  # 256 groups: the grouped path
     rng = np.random.default_rng(3)
     levels = rng.integers(0, 3, (4096, 1)).astype(np.float32)  # three scores, ~1,365 rows each
     runs = np.zeros((4096, 1), np.float32)

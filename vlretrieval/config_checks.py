@@ -21,7 +21,9 @@ from vlretrieval.errors import UserError
 from vlretrieval.evaluation.evaluate import MODES
 from vlretrieval.evaluation.metrics import TIES, check_metrics
 from vlretrieval.evaluation.search import SCORE_DTYPES
+from vlretrieval.late_interaction import AGGREGATIONS
 from vlretrieval.models.factory import MODEL_KINDS
+from vlretrieval.models.joint import IMAGE_INPUTS
 from vlretrieval.models.transformer import ATTENTION_IMPLEMENTATIONS, COMPUTE_DTYPES
 
 
@@ -125,6 +127,9 @@ RULES = (
     Rule("data.shuffle_buffer", integer(1)),
     Rule("data.shard_readers", integer(1)),
     Rule("data.workers", integer(0)),
+    Rule("data.num_regions", integer(1)),
+    Rule("data.region_feature_dim", integer(1)),
+    Rule("data.captions_per_image", integer(1)),
     Rule("model.kind", choice(*MODEL_KINDS)),
     Rule("model.dtype", choice(*COMPUTE_DTYPES)),
     Rule("model.attention", choice(*ATTENTION_IMPLEMENTATIONS)),
@@ -155,6 +160,9 @@ RULES = (
     Rule("objectives.itm_sampling_temperature", number(minimum=0)),
     Rule("objectives.text_swap_fraction", number(minimum=0, maximum=1)),
     Rule("objectives.image_mix_fraction", number(minimum=0, maximum=1)),
+    Rule("objectives.region_mask_probability", number(above=0, maximum=1)),
+    Rule("objectives.late_interaction_aggregation", choice(*AGGREGATIONS)),
+    Rule("model.image_input", choice(*IMAGE_INPUTS)),
     Rule("bitext.batch_size", integer(1)),
     Rule("eval.split", non_empty_text),
     Rule("eval.batch_size", integer(1)),
@@ -167,6 +175,7 @@ RULES = (
     Rule("eval.query_chunk", integer(1)),
     Rule("eval.gallery_chunk", integer(1)),
     Rule("eval.mode", choice(*MODES)),
+    Rule("eval.late_interaction_aggregation", choice(*AGGREGATIONS)),
     Rule("eval.score_dtype", choice(*SCORE_DTYPES)),
     Rule("eval.ties", choice(*TIES)),
 )
@@ -215,6 +224,28 @@ def _webdataset(config: ml_collections.ConfigDict) -> None:
             raise UserError(f"config.data.{key} is set, but only data.name=webdataset reads it (data.name is {name!r})")
 
 
+# The region-dataset keys: the demo config's value, and the data.name values that read the key.
+REGION_DATASETS = ("demo_regions", "precomputed_regions", "region_files")
+REGION_KEYS = {
+    "num_regions": (6, REGION_DATASETS),
+    "region_feature_dim": (64, REGION_DATASETS),
+    "captions_per_image": (5, ("precomputed_regions",)),
+}
+
+
+def _region_keys(config: ml_collections.ConfigDict) -> None:
+    """A region key set away from its default for a dataset that does not read it is refused, not
+    silently ignored."""
+    found, name = _lookup(config, "data.name")
+    if not found:
+        return
+    for key, (default, readers) in REGION_KEYS.items():
+        found, value = _lookup(config, f"data.{key}")
+        if found and value != default and name not in readers:
+            raise UserError(f"config.data.{key} is {value!r}, but only data.name={' | '.join(readers)} reads it "
+                            f"(data.name is {name!r}): leave it at {default}")
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Raises one `UserError` line for the first setting no command could run with."""
     for rule in RULES:
@@ -229,3 +260,4 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         check_metrics(metrics)
     _bitext(config)
     _webdataset(config)
+    _region_keys(config)

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vlretrieval import late_interaction
+
 
 def similarity_logits(
     image_embeddings: jax.Array, text_embeddings: jax.Array, logit_scale: jax.Array
@@ -146,6 +148,10 @@ class TowerLosses(typing.Protocol):
 
     def sigmoid_loss(self, image_embeddings, text_embeddings, logit_scale, logit_bias) -> jax.Array: ...
 
+    def late_interaction_hinge_loss(
+        self, words, word_mask, regions, region_mask, margin=0.2, aggregation="max_mean", top_k=1,
+    ) -> jax.Array: ...
+
 
 # The full-batch `TowerLosses`: every device's embeddings in one array.
 
@@ -226,3 +232,33 @@ def masked_language_model_loss(
     per_token = optax.softmax_cross_entropy_with_integer_labels(mlm_logits, target_ids)
     accuracy = ((jnp.argmax(mlm_logits, axis=-1) == target_ids) * weights).sum() / count
     return (per_token * weights).sum() / count, accuracy
+
+
+def late_interaction_hinge_loss(words, word_mask, regions, region_mask, margin=0.2, aggregation="max_mean",
+                                top_k=1) -> jax.Array:
+    """TERAN: the hardest-negative hinge over word-region late-interaction scores (both ways)."""
+    return late_interaction.late_interaction_hinge(words, word_mask, regions, region_mask, margin,
+                                                   aggregation, top_k)
+
+
+def masked_region_feature_loss(
+    predicted: jax.Array, features: jax.Array, masked: jax.Array
+) -> jax.Array:
+    """MRFR (UNITER): the mean over masked regions of the squared error between the regressed and
+    the original feature, averaged over the feature's dimensions; 0 when nothing is masked."""
+    weights = masked.astype(jnp.float32)
+    squared = jnp.mean(jnp.square(predicted.astype(jnp.float32) - features.astype(jnp.float32)), axis=-1)
+    return (squared * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+
+
+def masked_region_class_loss(
+    logits: jax.Array, labels: jax.Array, masked: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """MOC (Unicoder-VL): cross-entropy of the masked regions' class logits against the detector's
+    labels, over masked regions that have a label (label >= 0); returns (loss, accuracy)."""
+    weights = (masked & (labels >= 0)).astype(jnp.float32)
+    count = jnp.maximum(weights.sum(), 1.0)
+    safe = jnp.maximum(labels, 0)
+    per_region = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe)
+    accuracy = ((jnp.argmax(logits, axis=-1) == safe) * weights).sum() / count
+    return (per_region * weights).sum() / count, accuracy

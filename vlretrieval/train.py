@@ -31,7 +31,7 @@ from vlretrieval.evaluation import checkpoints
 from vlretrieval.evaluation.report import format_table
 from vlretrieval.files import check_writable
 from vlretrieval.models import build_model
-from vlretrieval.models.factory import parameter_count
+from vlretrieval.models.factory import image_shape, parameter_count
 from vlretrieval.negatives import TextNegativeComposer
 from vlretrieval.run_log import MetricsWriter, batch_record
 from vlretrieval.state import TrainState, check_fine_tuning, create_train_state, make_optimizer
@@ -129,6 +129,7 @@ def _checked_run(config: ml_collections.ConfigDict, workdir: str) -> _Run:
     mesh = parallel.make_mesh(config.train.num_devices or None)
     parallel.check_batch_divisible(config.train.batch_size, mesh, "config.train.batch_size")
     model = build_model(config.model, data.tokenizer.vocab_size)
+    datasets.check_image_input(data, config.eval.split, image_shape(model), model.image_input)
     tx, schedule = make_optimizer(config.optimizer, config.train.num_steps)
     state = create_train_state(model, tx, config.seed)
     check_fine_tuning(config.optimizer, state.params)  # a freeze pattern that matches nothing

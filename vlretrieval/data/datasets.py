@@ -3,7 +3,8 @@
 `data.name = webdataset` trains from img2dataset's shards (`data.shards`, streamed: `streaming.py`)
 and evaluates on the prepared dataset at `data.eval_dataset_dir`. Otherwise `data.dataset_dir` (a
 prepared tfds directory) wins, then `data.name` picks a builder that prepares itself into
-`data.data_dir`: the generated demo set, or a published layout (`layouts.LAYOUTS`) read from
+`data.data_dir`: the generated demo set (as pixels, or as detector regions: `demo_regions`), or a
+published layout (`layouts.LAYOUTS`, or the region-feature layouts `regions.LAYOUTS`) read from
 `data.manual_dir`. The tokenizer is `data.tokenizer`, or the one trained beside the demo data.
 """
 
@@ -17,20 +18,24 @@ from typing import Any
 import ml_collections
 import tensorflow_datasets as tfds
 
+from vlretrieval.data import shard_index
+from vlretrieval.data import shards as shard_files
 from vlretrieval.data.builders import (
     building,
     captions,
+    demo_regions,
     demo_scenes,
     image_captions,
     layouts,
+    regions,
     translation_pairs,
 )
-from vlretrieval.data import shard_index
-from vlretrieval.data import shards as shard_files
 from vlretrieval.data.tokenizer import TextTokenizer, load_tokenizer
 from vlretrieval.errors import UserError
 
-DATASETS = ("demo_scenes", "webdataset", *layouts.LAYOUTS)
+DATASETS = ("demo_scenes", "demo_regions", "webdataset", *layouts.LAYOUTS, *regions.LAYOUTS)
+# The demo's builders: their tokenizer is the demo's, and its word forms compose their negatives.
+DEMO_BUILDERS = (demo_scenes.DemoScenes.name, demo_regions.DemoRegions.name)
 
 
 @dataclasses.dataclass
@@ -114,20 +119,27 @@ def open_dataset(config: ml_collections.ConfigDict, seed: int, *, training: bool
         builder = building.load_prepared_dataset(config.dataset_dir)
     elif config.name == "demo_scenes":
         builder = demo_scenes.prepare_demo_data(config.data_dir, _demo_config(config, seed))
-    elif config.name in layouts.LAYOUTS:
+    elif config.name == "demo_regions":
+        builder = demo_regions.prepare_demo_regions(
+            config.data_dir, _demo_config(config, seed), config.num_regions, config.region_feature_dim
+        )
+    elif config.name in (*layouts.LAYOUTS, *regions.LAYOUTS):
         if not config.tokenizer:
             raise UserError(
                 f"config.data.tokenizer is empty: {config.name} data needs a local tokenizer "
                 "(tokenizer.json, a Hugging Face folder or a SentencePiece model)"
             )
-        builder = image_captions.prepare(_layout_config(config), config.data_dir)
+        if config.name in regions.LAYOUTS:
+            builder = regions.prepare(_region_config(config), config.data_dir)
+        else:
+            builder = image_captions.prepare(_layout_config(config), config.data_dir)
     else:
         raise UserError(
             f"config.data.name is {config.name!r}; choose one of {DATASETS} "
             "or set config.data.dataset_dir to a prepared tfds dataset"
         )
     directory = demo_scenes.dataset_dir(builder)
-    if not config.tokenizer and builder.name != demo_scenes.DemoScenes.name:
+    if not config.tokenizer and builder.name not in DEMO_BUILDERS:
         raise UserError(
             f"config.data.tokenizer is empty and the dataset at {directory} has no tokenizer "
             "of its own: set a local tokenizer path"
@@ -142,7 +154,7 @@ def open_dataset(config: ml_collections.ConfigDict, seed: int, *, training: bool
             f"have; it has {sorted(caption_languages)}"
         )
     # The demo's word forms compose negatives of the demo's own captions only.
-    is_demo = builder.name == demo_scenes.DemoScenes.name and shards is None
+    is_demo = builder.name in DEMO_BUILDERS and shards is None
     return RetrievalData(
         builder=builder, tokenizer=tokenizer, directory=directory,
         content_words=captions.WORD_FORMS if is_demo else None,
@@ -164,6 +176,14 @@ def _layout_config(config: ml_collections.ConfigDict) -> image_captions.ImageCap
     )
 
 
+def _region_config(config: ml_collections.ConfigDict) -> regions.RegionCaptionsConfig:
+    """The build of `data.name`'s region layout from `data.manual_dir`, packed as the config says."""
+    return regions.builder_config(
+        config.name, config.manual_dir, config.num_regions, config.region_feature_dim,
+        config.captions_per_image, config.caption_language, config.on_bad_record,
+    )
+
+
 def open_translations(
     bitext: ml_collections.ConfigDict, data: ml_collections.ConfigDict, seed: int
 ) -> tuple[dict[str, Any], list[float]]:
@@ -178,7 +198,7 @@ def open_translations(
         directory = os.path.abspath(bitext.tsv_dir)
         name = "tsv_" + hashlib.sha1(directory.encode()).hexdigest()[:10]
         builder = translation_pairs.prepare(directory, data.data_dir, name)
-    elif data.name == "demo_scenes" and not data.dataset_dir:
+    elif data.name in ("demo_scenes", "demo_regions") and not data.dataset_dir:
         builder = demo_scenes.prepare_demo_translations(data.data_dir, _demo_config(data, seed))
     else:
         raise UserError(
@@ -200,3 +220,29 @@ def open_translations(
             f"weight per language pair {tuple(pairs)}, not all zero"
         )
     return {pair: available[pair] for pair in pairs}, [float(w) for w in weights]
+
+
+def check_image_input(data: RetrievalData, split: str, shape: tuple[int, ...], image_input: str) -> None:
+    """The dataset's images fit the model's input (`models.image_shape`): pixels for a patch model,
+    packed regions of the model's feature width (and at most its region count) for a region model.
+    One line naming both, before any work; a model fed the wrong kind would fail deep in jit."""
+    source = data.split(split)
+    if not len(source):
+        return
+    value = source[0]["image"]
+    is_regions = getattr(value, "ndim", 0) == 2
+    if image_input == "regions" and not is_regions:
+        raise UserError(
+            f"config.model.image_input=regions but the dataset at {data.directory} holds images, not region "
+            "features: use a region dataset (data.name demo_regions, precomputed_regions or region_files)"
+        )
+    if image_input != "regions" and is_regions:
+        raise UserError(
+            f"the dataset at {data.directory} holds region features [{value.shape[0]}, {value.shape[1]}]: set "
+            "config.model.image_input=regions"
+        )
+    if is_regions and value.shape[1] != shape[1]:
+        raise UserError(
+            f"the dataset at {data.directory} has region features {value.shape[1] - 7} wide (+7 box, flag and "
+            f"label columns) but config.model.regions.feature_dim is {shape[1] - 7}: set it to {value.shape[1] - 7}"
+        )

@@ -81,10 +81,14 @@ def is_encoded(value) -> bool:
 def model_image(value, size: int, rng: np.random.Generator | None = None,
                 scale: Sequence[float] = (0.5, 1.0)) -> np.ndarray:
     """A record's image as the model's uint8 input: encoded bytes are decoded (a random crop with
-    `rng`, the eval transform without); decoded arrays must already be `size` x `size`."""
+    `rng`, the eval transform without); decoded arrays must already be `size` x `size`. Packed
+    detector regions (`models.regions`: a 2-d float array) pass through as they are: there are no
+    pixels to crop."""
     if is_encoded(value):
         return eval_image(value, size) if rng is None else train_image(value, size, rng, scale)
     array = np.asarray(value)
+    if array.ndim == 2 and np.issubdtype(array.dtype, np.floating):
+        return array
     if array.shape[:2] != (size, size):
         raise ValueError(
             f"a decoded image of shape {array.shape} does not match the model's image size {size}"
@@ -98,6 +102,9 @@ def normalize_images(
     std: Sequence[float] = (0.5, 0.5, 0.5),
 ) -> np.ndarray:
     """uint8 [0, 255] -> float32 (x / 255 - mean) / std per channel; the defaults give [-1, 1],
-    the range the patch embedding is initialised for (converted CLIP models use CLIP's)."""
+    the range the patch embedding is initialised for (converted CLIP models use CLIP's). Float
+    input (packed detector regions) is the model's input already: only cast to float32."""
+    if np.issubdtype(np.asarray(images).dtype, np.floating):
+        return np.asarray(images, np.float32)
     mean = 255.0 * np.asarray(mean, np.float32)
     return (images.astype(np.float32) - mean) / (255.0 * np.asarray(std, np.float32))

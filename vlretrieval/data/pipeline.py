@@ -346,8 +346,10 @@ def load_split(
         images = np.stack([decode(record) for record in records])
     else:
         share = [decode(record) for record in records[process_index::process_count]]
-        images = HostImages(count, np.stack(share) if share else np.zeros((0, image_size, image_size, 3), np.uint8),
-                            process_index, process_count)
+        if not share:  # more hosts than images: an empty share of the images' shape and type
+            one = decode(records[0]) if records else np.zeros((image_size, image_size, 3), np.uint8)
+            share = np.zeros((0, *one.shape), one.dtype)
+        images = HostImages(count, np.stack(share) if len(share) else share, process_index, process_count)
     captions = {}
     for language in languages:
         captions[language] = [

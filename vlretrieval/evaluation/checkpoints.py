@@ -19,9 +19,9 @@ from vlretrieval.checkpoint import Checkpointer, load_params
 from vlretrieval.data import datasets, pipeline
 from vlretrieval.evaluation import index as index_file
 from vlretrieval.evaluation import metrics, report
-from vlretrieval.evaluation.evaluate import evaluate_split, write_results
+from vlretrieval.evaluation.evaluate import LATE_INTERACTION_MODES, evaluate_split, write_results
 from vlretrieval.files import check_writable
-from vlretrieval.models import build_model
+from vlretrieval.models import build_model, image_shape
 from vlretrieval.state import create_train_state, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -29,9 +29,10 @@ log = logging.getLogger(__name__)
 
 def evaluation_split(config: ml_collections.ConfigDict, data) -> dict[str, Any]:
     """`config.eval.split` loaded in the evaluated languages (its first `eval.max_images`). In
-    towers mode each host decodes only the images it embeds; joint and rerank score pairs with any
-    image, so there every host loads them all."""
-    share = (jax.process_index(), jax.process_count()) if config.eval.mode == "towers" else (0, 1)
+    towers and late-interaction modes each host decodes only the images it embeds; joint and rerank
+    score pairs with any image, so there every host loads them all."""
+    per_host = config.eval.mode in ("towers", *LATE_INTERACTION_MODES)  # images only embedded
+    share = (jax.process_index(), jax.process_count()) if per_host else (0, 1)
     return pipeline.load_split(
         data.split(config.eval.split), config.data.languages, config.model.image_size,
         max_images=config.eval.max_images, process_index=share[0], process_count=share[1],
@@ -47,6 +48,7 @@ def towers_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
         metrics=metrics.check_metrics(config.eval.metrics),
         ties=metrics.check_ties(config.eval.ties),
         ndcg_at=tuple(config.eval.ndcg_at),
+        aggregation=config.eval.late_interaction_aggregation,
         search_options=dict(query_chunk=config.eval.query_chunk, gallery_chunk=config.eval.gallery_chunk,
                             score_dtype=config.eval.score_dtype),
     )
@@ -60,6 +62,7 @@ def restore_for_evaluation(config: ml_collections.ConfigDict, workdir: str):
     from the checkpoint's."""
     data = datasets.open_dataset(config.data, seed=config.seed, training=False)
     model = build_model(config.model, data.tokenizer.vocab_size)
+    datasets.check_image_input(data, config.eval.split, image_shape(model), model.image_input)
     tx, _ = make_optimizer(config.optimizer, config.train.num_steps)
     # Read-only: evaluation never renames, cleans up or deletes anything in the run's folder.
     checkpointer = Checkpointer(workdir, read_only=True)

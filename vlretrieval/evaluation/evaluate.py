@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from vlretrieval import parallel
 from vlretrieval.data.pipeline import NormalizedImages, padded_host_positions
 from vlretrieval.data.tokenizer import TextTokenizer
-from vlretrieval.evaluation import rerank
+from vlretrieval.evaluation import late_scores, rerank
 from vlretrieval.evaluation.metrics import (  # noqa: F401  (the public names callers import from here)
     DEFAULT_METRICS,
     DEFAULT_TIES,
@@ -73,7 +73,8 @@ def embed_in_batches(
     return result
 
 
-MODES = ("towers", "joint", "rerank")
+MODES = ("towers", "joint", "rerank", "late_interaction", "late_interaction_rerank")
+LATE_INTERACTION_MODES = ("late_interaction", "late_interaction_rerank")
 
 
 def subset(split: dict[str, Any], max_images: int) -> dict[str, Any]:
@@ -115,6 +116,7 @@ def evaluate_split(
     check_queries: Callable[[np.ndarray], None] | None = None,
     search_options: dict[str, Any] | None = None,
     ndcg_at: Sequence[int] = (25,),
+    aggregation: str = "max_mean",
 ) -> dict[str, Any]:
     """Per-language and average retrieval metrics on a split loaded by `pipeline.load_split`.
 
@@ -124,6 +126,8 @@ def evaluate_split(
     default `params`) are the weights that score pairs: e.g. the joint model before decomposition,
     re-ranking the shortlist of the decomposed towers. `rerank_tower_weight` > 0 re-orders by
     joint log-odds + weight x tower cosine (score fusion) instead of the joint score alone.
+    `late_interaction` scores every pair by TERAN's word x region late interaction (`aggregation`),
+    `late_interaction_rerank` only each query's tower shortlist (`late_scores.py`).
     `metrics` picks the towers-mode metrics (`metrics.METRICS`); `ties` is the tie policy of every
     mode's ranks (`metrics.TIES`, recorded in the results); `image_embeddings` (e.g. from a
     saved index) replace embedding the images, and `check_queries` may refuse the text
@@ -141,7 +145,10 @@ def evaluate_split(
     elif len(image_embeddings) != len(images):
         raise ValueError(f"{len(image_embeddings)} image embeddings for {len(images)} images")
     scorer = None
-    if mode != "towers":
+    if mode in LATE_INTERACTION_MODES:
+        encode_regions, encode_words = late_scores.sequence_encoders(model, params)
+        region_states = embed_in_batches(encode_regions, [images], batch_size, mesh)
+    elif mode != "towers":
         scorer = rerank.make_pair_scorer(
             model, params if joint_params is None else joint_params, mesh, pair_batch_size
         )
@@ -159,6 +166,22 @@ def evaluate_split(
                 ndcg_at=ndcg_at, **(search_options or {})
             )
             continue
+        if mode in LATE_INTERACTION_MODES:
+            word_states = embed_in_batches(encode_words, [token_ids, text_mask], batch_size, mesh)
+            if mode == "late_interaction":
+                ranks, scores = late_scores.late_interaction_ranks(
+                    word_states, region_states, owners, image_owners, aggregation)
+            else:
+                ranks = late_scores.late_interaction_rerank_ranks(
+                    word_states, region_states, text_embeddings @ image_embeddings.T, owners, image_owners,
+                    shortlist_size, aggregation, pair_batch_size)
+            per_language[language] = metrics_from_ranks(*ranks, recall_at, ties)
+            if mode == "late_interaction" and "ndcg" in metrics:
+                from vlretrieval.evaluation.relevance import ndcg_from_scores
+
+                for direction, values in ndcg_from_scores(scores, texts, owners, ndcg_at).items():
+                    per_language[language][direction].update(values)
+            continue
         pairs = (token_ids, text_mask, images)
         if mode == "joint":
             ranks = rerank.joint_ranks(scorer, pairs, owners, image_owners)
@@ -175,7 +198,9 @@ def evaluate_split(
         "languages": per_language,
         "average": average_over_languages(per_language),
     }
-    if mode == "rerank":
+    if mode in LATE_INTERACTION_MODES:
+        results["aggregation"] = aggregation
+    if mode in ("rerank", "late_interaction_rerank"):
         results["shortlist"] = int(shortlist_size)
         results["rerank_tower_weight"] = float(rerank_tower_weight)
     return results

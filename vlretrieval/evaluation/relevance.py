@@ -105,3 +105,20 @@ def ndcg_both_ways(image_embeddings: np.ndarray, text_embeddings: np.ndarray, ca
         _, retrieved = search.top_k(queries, gallery, largest, **search_options)
         results[direction] = {f"NDCG@{k}": ndcg(retrieved, graded, k) for k in ks}
     return results
+
+
+def _best_first(scores: np.ndarray, k: int) -> np.ndarray:
+    """[queries, k] columns of each row's k highest scores, ties to the lower column (as search)."""
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+def ndcg_from_scores(scores: np.ndarray, captions: Sequence[str], text_owners: np.ndarray,
+                     ks: Sequence[int]) -> dict[str, dict[str, float]]:
+    """`ndcg_both_ways` for a dense [captions, images] score matrix (late interaction, joint)."""
+    relevance = rouge_l_matrix(captions, text_owners, scores.shape[1])
+    largest = max(ks)
+    return {
+        direction: {f"NDCG@{k}": ndcg(_best_first(matrix, largest), graded, k) for k in ks}
+        for direction, matrix, graded in (("text_to_image", scores, relevance),
+                                          ("image_to_text", scores.T, relevance.T))
+    }

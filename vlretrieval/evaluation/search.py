@@ -10,6 +10,10 @@ Ties: among equal scores the lower gallery index comes first (as a stable sort),
 and in every merge (the running top-k, which holds only lower indices, is merged in first).
 `rank_counts` keeps each query's ties apart (`TiedRanks`); `ranks` then applies a tie policy (`TIES`).
 Queries are split over the devices of a local mesh (the gallery is replicated on each).
+
+The block score is the inner product of float embeddings, or, where both sides are packed binary
+codes (uint32 words, `codes.pack_codes`), minus their Hamming distance (XOR and population count,
+as float32: exact), so every search, count and tie rule above holds for codes unchanged.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vlretrieval import parallel
+from vlretrieval.errors import UserError
+from vlretrieval.evaluation import blocks, codes
 
 SCORE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # How a rank counts the negatives tied with a query's best positive (`TiedRanks.ranks`).
@@ -77,60 +83,53 @@ def _score_dtype(name: str):
 
 
 def _block_reader(queries: jax.Array, slab: jax.Array, valid: jax.Array, gallery_chunk: int, dtype):
-    """`read(b) -> (scores [q, chunk] float32, row in the slab [chunk], row is real [chunk])`."""
-    queries = queries.astype(dtype)
+    """`read(b) -> (scores [q, chunk] float32, row in the slab [chunk], row is real [chunk])`.
+    The score is the inner product, or for packed codes (uint32, a [words, rows] slab) minus the
+    Hamming distance."""
+    is_codes = slab.dtype == jnp.uint32
+    queries = queries if is_codes else queries.astype(dtype)
 
     def read(block: jax.Array):
         start = block * gallery_chunk
-        rows = lax.dynamic_slice_in_dim(slab, start, gallery_chunk, 0).astype(dtype)
+        rows = lax.dynamic_slice_in_dim(slab, start, gallery_chunk, 1 if is_codes else 0)
+        row = start + jnp.arange(gallery_chunk, dtype=jnp.int32)
+        if is_codes:  # exact as float32: distances are below 2^24
+            return -codes.hamming_distances(queries, rows).astype(jnp.float32), row, row < valid
         # float32 accumulation whatever the input dtype: bfloat16 halves the bytes read, not the
         # precision of the sum.
         scores = lax.dot_general(
-            queries, rows, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+            queries, rows.astype(dtype), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
         )
-        row = start + jnp.arange(gallery_chunk, dtype=jnp.int32)
         return scores, row, row < valid
 
     return read
 
 
-def _group_size(columns: int, k: int) -> int:
-    """Columns per group: about sqrt(columns / k), so that the two selections below (one over the
-    columns / group maxima, one over the k x group candidates) are both small; a power of two
-    (blocks of 1,024 rows or more are multiples of 128), at most 128."""
-    group = 1
-    while group < 128 and (2 * group) ** 2 * k <= columns and columns % (2 * group) == 0:
-        group *= 2
-    return group
+def _candidate_reader(queries: jax.Array, slab: jax.Array, valid: jax.Array, gallery_chunk: int, dtype, k: int):
+    """`read(b) -> ([q, m] scores, [q, m] rows in the slab)`, in row order, that hold block b's top k
+    (rows past `valid` score -inf). Codes in wide blocks take `blocks.code_candidates`, which never holds
+    a block of scores; the rest score the block (`_block_reader`) and pick from it."""
+    if slab.dtype == jnp.uint32 and (group := blocks.code_group_size(gallery_chunk, k, slab.shape[0])) >= 8:
+        def read_codes(block: jax.Array):
+            start = block * gallery_chunk
+            words = lax.dynamic_slice_in_dim(slab, start, gallery_chunk, 1)
+            real = start + jnp.arange(gallery_chunk, dtype=jnp.int32) < valid
+            scores, column = blocks.code_candidates(queries, words, real, k, group)
+            return scores, start + column
+
+        return read_codes
+    read = _block_reader(queries, slab, valid, gallery_chunk, dtype)
+
+    def read_scores(block: jax.Array):
+        scores, row, real = read(block)
+        scores, column = blocks.block_candidates(jnp.where(real[None, :], scores, -jnp.inf), k)
+        return scores, row[column]
+
+    return read_scores
 
 
-def _sort_few(index: jax.Array) -> jax.Array:
-    """[rows, k] distinct integers sorted ascending, by ranks: k x k compares that XLA fuses, where
-    a sort of k = 10 per row is a slow call on the CPU."""
-    k = index.shape[1]
-    rank = jnp.sum(index[:, None, :] < index[:, :, None], axis=2)  # how many are smaller
-    slot = rank[:, :, None] == jnp.arange(k)[None, None, :]
-    return jnp.sum(jnp.where(slot, index[:, :, None], 0), axis=1)
-
-
-def _block_candidates(scores: jax.Array, k: int):
-    """([q, m] scores, [q, m] columns) in column order, m <= columns, that hold the block's top k.
-
-    A full `lax.top_k` over a wide block is a slow row-by-row partial sort on the CPU; this needs
-    only a vectorised max over groups of consecutive columns and a top k of those maxima: the k
-    best elements lie in the k groups with the highest maxima (equal maxima: lower group first).
-    For an element of an unchosen group, each chosen group holds its maximum, which beats it: a
-    higher score, or an equal one at a lower column (lower group, and the group's first maximum).
-    The chosen groups are put back in column order, so equal scores still go to the lower index."""
-    rows, columns = scores.shape
-    group = _group_size(columns, k)
-    if group < 8:  # a narrow block: its columns are the candidates
-        return scores, jnp.broadcast_to(jnp.arange(columns, dtype=jnp.int32), scores.shape)
-    grouped = scores.reshape(rows, columns // group, group)
-    chosen = _sort_few(lax.top_k(jnp.max(grouped, axis=2), k)[1])  # [rows, k] groups, column order
-    candidates = jnp.take_along_axis(grouped, chosen[:, :, None], axis=1).reshape(rows, k * group)
-    column = chosen[:, :, None] * group + jnp.arange(group, dtype=jnp.int32)
-    return candidates, column.reshape(rows, k * group)
+def _slab_rows(slab: jax.Array) -> int:
+    return slab.shape[1] if slab.dtype == jnp.uint32 else slab.shape[0]  # codes: [words, rows]
 
 
 def _loop(blocks: int, step, initial):
@@ -146,21 +145,19 @@ def _top_k_slab(queries, slab, valid, offset, best_scores, best_index, *, galler
 
     def chunk_step(chunk, carry):
         best_scores, best_index = carry
-        read = _block_reader(queries[chunk], slab, valid, gallery_chunk, _score_dtype(score_dtype))
+        read = _candidate_reader(queries[chunk], slab, valid, gallery_chunk, _score_dtype(score_dtype), k)
 
         def step(block, carry):
             best_scores, best_index = carry
-            scores, row, real = read(block)
-            scores = jnp.where(real[None, :], scores, -jnp.inf)
-            candidates, column = _block_candidates(scores, k)
+            candidates, row = read(block)
             # One top k over the running results and the candidates: running results first, so
             # on equal scores top_k keeps the earlier (lower-index) entry.
             merged_scores = jnp.concatenate([best_scores, candidates], axis=1)
-            merged_index = jnp.concatenate([best_index, offset + row[column]], axis=1)
+            merged_index = jnp.concatenate([best_index, offset + row], axis=1)
             best_scores, chosen = lax.top_k(merged_scores, k)
             return best_scores, jnp.take_along_axis(merged_index, chosen, axis=1)
 
-        best = _loop(slab.shape[0] // gallery_chunk, step, (best_scores[chunk], best_index[chunk]))
+        best = _loop(_slab_rows(slab) // gallery_chunk, step, (best_scores[chunk], best_index[chunk]))
         return best_scores.at[chunk].set(best[0]), best_index.at[chunk].set(best[1])
 
     return _loop(queries.shape[0], chunk_step, (best_scores, best_index))
@@ -229,7 +226,7 @@ def _ranks_slab(
         owners = lax.dynamic_slice_in_dim(slab_owners, block * gallery_chunk, gallery_chunk, 0)
         return lax.cond(counting, count, find, scores, offset + row, owners, real, *carry)
 
-    return _loop(slab.shape[0] // gallery_chunk, step, (best, first, counts))
+    return _loop(_slab_rows(slab) // gallery_chunk, step, (best, first, counts))
 
 
 class _Slabs:
@@ -255,6 +252,8 @@ class _Slabs:
             valid = len(parts[0])
             if valid < self.rows:
                 parts = [np.concatenate([p, np.zeros((self.rows - valid, *p.shape[1:]), p.dtype)]) for p in parts]
+            if parts[0].dtype == np.uint32:  # codes word-major on the device (`codes`: it vectorises)
+                parts[0] = np.ascontiguousarray(parts[0].T)
             yield offset, np.int32(valid), [jax.device_put(p, self.sharding) for p in parts]
 
 
@@ -285,6 +284,11 @@ def _query_chunks(arrays: list[np.ndarray], query_chunk: int, mesh: Mesh) -> lis
 def _check(queries, gallery) -> None:
     if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
         raise ValueError(f"queries {queries.shape} and gallery {gallery.shape} must be [n, dim] alike")
+    if (queries.dtype == np.uint32) != (gallery.dtype == np.uint32):
+        kinds = ["packed codes (uint32)" if side.dtype == np.uint32 else f"{side.dtype} embeddings"
+                 for side in (queries, gallery)]
+        raise UserError(f"the queries are {kinds[0]} but the gallery is {kinds[1]}: search codes against codes "
+                        "(codes.pack_codes) or embeddings against embeddings")
 
 
 def top_k(
@@ -298,11 +302,13 @@ def top_k(
     score_dtype: str = "float32",
     mesh: Mesh | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k by inner product: ([queries, k] scores, [queries, k] gallery indices), best
-    first, ties to the lower index. `k` is capped at the gallery size. The default chunks were the
-    fastest measured on a 2-core CPU (benchmarks/search_speed.py): few, wide gallery blocks, so few
-    merges per query, with a score block (64 MB) that keeps a 1M-vector search under 1.5x its
-    gallery's memory."""
+    """Exact top-k by inner product (or, for uint32 codes, by Hamming distance: the scores are
+    minus the distances): ([queries, k] scores, [queries, k] gallery indices), best first, ties to
+    the lower index. `k` is capped at the gallery size. The default chunks were the fastest measured
+    on a 2-core CPU (benchmarks/search_speed.py): few, wide gallery blocks, so few merges per query,
+    with a score block (64 MB) that keeps a 1M-vector search under 1.5x its gallery's memory.
+    Codes are searched in groups of rows, never a block of scores (`blocks.code_candidates`), and
+    `score_dtype` does not apply to them (their scores are exact integers)."""
     queries, mesh = np.asarray(queries), parallel.local_mesh() if mesh is None else mesh
     _check(queries, gallery)
     k = min(k, gallery.shape[0])

@@ -24,8 +24,9 @@ from vlretrieval.models.embeddings import (
     TextEmbeddingConfig,
     TextEmbeddings,
 )
-from vlretrieval.models.joint import JointConfig, JointVLTransformer
+from vlretrieval.models.joint import JointConfig, JointVLTransformer, image_token_mask
 from vlretrieval.models.pooling import AttentionPoolingHead, pool
+from vlretrieval.models.regions import RegionEmbeddings
 from vlretrieval.models.transformer import Encoder, TransformerConfig
 
 
@@ -87,23 +88,63 @@ class _RetrievalModel(nn.Module):
         pooled = pool(sequence, text_mask, self.head.text_pooling)
         return jnp.tanh(self.text_pooler(pooled)) if self.head.text_pooler else pooled
 
-    def pool_image(self, sequence: jax.Array, *, train: bool = False) -> jax.Array:
-        """The image tower's pooled output, before the projection."""
+    def pool_image(self, sequence: jax.Array, *, train: bool = False, mask: jax.Array | None = None) -> jax.Array:
+        """The image tower's pooled output, before the projection; `mask` (`image_mask`) leaves
+        padding regions out (None: every position is real, as for patches)."""
+        if mask is None:
+            mask = jnp.ones(sequence.shape[:2], jnp.int32)
         if self.head.image_pooling == "map":
             pooled = self.image_pooling_head(sequence, train=train)
         else:
-            pooled = pool(sequence, jnp.ones(sequence.shape[:2], jnp.int32), self.head.image_pooling)
+            pooled = pool(sequence, mask, self.head.image_pooling)
         return jnp.tanh(self.image_pooler(pooled)) if self.head.image_pooler else pooled
+
+    def image_mask(self, images: jax.Array, length: int) -> jax.Array:
+        """[batch, length]: which positions of the image sequence are real (`image_token_mask`)."""
+        return image_token_mask(images, self.image_input, length)
+
+    def _text_outputs(self, token_ids, text_mask, train):
+        """(sequence, embedding) of the text tower."""
+        sequence = self.text_sequence(token_ids, text_mask, train=train)
+        return sequence, l2_normalize(self.text_projection(self.pool_text(sequence, text_mask)))
+
+    def _image_outputs(self, images, train):
+        """(sequence, mask of its real positions, embedding) of the image tower."""
+        sequence = self.image_sequence(images, train=train)
+        mask = self.image_mask(images, sequence.shape[1])
+        pooled = self.pool_image(sequence, train=train, mask=mask)
+        return sequence, mask, l2_normalize(self.image_projection(pooled) if self.head.image_projection else pooled)
 
     def encode_text(
         self, token_ids: jax.Array, text_mask: jax.Array, *, train: bool = False
     ) -> jax.Array:
-        sequence = self.text_sequence(token_ids, text_mask, train=train)
-        return l2_normalize(self.text_projection(self.pool_text(sequence, text_mask)))
+        return self._text_outputs(token_ids, text_mask, train)[1]
 
     def encode_image(self, images: jax.Array, *, train: bool = False) -> jax.Array:
-        pooled = self.pool_image(self.image_sequence(images, train=train), train=train)
-        return l2_normalize(self.image_projection(pooled) if self.head.image_projection else pooled)
+        return self._image_outputs(images, train)[2]
+
+    def _word_states(self, sequence, text_mask):
+        return l2_normalize(self.text_projection(sequence)), text_mask.astype(jnp.float32)
+
+    def _region_states(self, sequence, mask):
+        if self.has_image_token:  # late interaction pairs words with regions, not the image token
+            mask = mask.at[:, 0].set(0)
+        projected = self.image_projection(sequence) if self.head.image_projection else sequence
+        return l2_normalize(projected), mask.astype(jnp.float32)
+
+    def token_embeddings(
+        self, token_ids: jax.Array, text_mask: jax.Array, *, train: bool = False
+    ) -> tuple[jax.Array, jax.Array]:
+        """TERAN's text side: every token's output through the text projection, L2-normalised,
+        [batch, length, embed_dim], with the text mask as floats (padding is not a word)."""
+        return self._word_states(self.text_sequence(token_ids, text_mask, train=train), text_mask)
+
+    def region_embeddings(self, images: jax.Array, *, train: bool = False) -> tuple[jax.Array, jax.Array]:
+        """TERAN's image side: every region's (or patch's) output through the image projection,
+        L2-normalised, [batch, length, embed_dim], with a float mask of the real regions; the image
+        or class token at position 0 is left out of the mask."""
+        sequence, mask, _ = self._image_outputs(images, train)
+        return self._region_states(sequence, mask)
 
     def make_heads(self):
         self.text_projection = nn.Dense(self.head.embed_dim, use_bias=self.head.text_projection_bias)
@@ -124,13 +165,22 @@ class _RetrievalModel(nn.Module):
             )
 
     def __call__(
-        self, images: jax.Array, token_ids: jax.Array, text_mask: jax.Array, *, train: bool = False
+        self, images: jax.Array, token_ids: jax.Array, text_mask: jax.Array, *, train: bool = False,
+        sequences: bool = False,
     ) -> dict[str, jax.Array]:
+        """The pooled embeddings and the logit scale (and bias); with `sequences`, also the word and
+        region states late interaction scores (`token_embeddings`, `region_embeddings`), from the
+        same tower passes."""
+        image_sequence, image_mask, image_embeddings = self._image_outputs(images, train)
+        text_sequence, text_embeddings = self._text_outputs(token_ids, text_mask, train)
         outputs = {
-            "image_embeddings": self.encode_image(images, train=train),
-            "text_embeddings": self.encode_text(token_ids, text_mask, train=train),
+            "image_embeddings": image_embeddings,
+            "text_embeddings": text_embeddings,
             "logit_scale": self.logit_scale(),
         }
+        if sequences:
+            outputs["word_embeddings"], outputs["word_mask"] = self._word_states(text_sequence, text_mask)
+            outputs["region_embeddings"], outputs["region_mask"] = self._region_states(image_sequence, image_mask)
         if self.head.logit_bias:
             outputs["logit_bias"] = self.logit_bias
         return outputs
@@ -156,6 +206,12 @@ class DecomposedVLTransformer(_RetrievalModel):
     def image_transformer(self) -> TransformerConfig:
         return self.config.transformer
 
+    @property
+    def image_input(self) -> str:
+        return self.config.image_input
+
+    has_image_token = True  # the joint model's class token, or its image token before the regions
+
     def text_sequence(self, token_ids, text_mask, *, train=False):
         return self.joint.encode_text_sequence(token_ids, text_mask, train=train)
 
@@ -163,10 +219,11 @@ class DecomposedVLTransformer(_RetrievalModel):
         return self.joint.encode_image_sequence(images, train=train)
 
     def joint_forward(
-        self, token_ids: jax.Array, text_mask: jax.Array, images: jax.Array, *, train: bool = False
+        self, token_ids: jax.Array, text_mask: jax.Array, images: jax.Array, *, train: bool = False,
+        mask_regions: jax.Array | None = None,
     ) -> dict[str, jax.Array]:
         """The undecomposed joint pass (ITM logits), on the same weights as the towers."""
-        return self.joint(token_ids, text_mask, images, train=train)
+        return self.joint(token_ids, text_mask, images, train=train, mask_regions=mask_regions)
 
     def initialize(
         self, images: jax.Array, token_ids: jax.Array, text_mask: jax.Array
@@ -177,16 +234,25 @@ class DecomposedVLTransformer(_RetrievalModel):
 
 
 class ImageTransformer(nn.Module):
-    """A ViT: patch embeddings and a (pre-LN) encoder."""
+    """A ViT (patch embeddings and a pre-LN encoder), or the same encoder over detector regions
+    (`region_feature_dim` > 0: `regions.RegionEmbeddings`, padding regions masked out)."""
 
     transformer: TransformerConfig
     image_size: int
     patch_size: int
     embeddings: ImageEmbeddingConfig = ImageEmbeddingConfig()
+    region_feature_dim: int = 0
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
         options = self.embeddings
+        if self.region_feature_dim:
+            x, mask = RegionEmbeddings(
+                self.region_feature_dim, self.transformer.width, dropout=self.transformer.dropout,
+                layer_norm_eps=options.layer_norm_eps, compute_dtype=self.transformer.compute_dtype,
+                name="embeddings",
+            )(images, train=train)
+            return Encoder(self.transformer, name="encoder")(x, mask, train=train)
         x = PatchEmbeddings(
             self.image_size, self.patch_size, self.transformer.width, name="embeddings",
             patch_bias=options.patch_bias, class_token=options.class_token,
@@ -228,10 +294,15 @@ class DualEncoder(_RetrievalModel):
     head: TowerHead
     text_embeddings: TextEmbeddingConfig = TextEmbeddingConfig()
     image_embeddings: ImageEmbeddingConfig = ImageEmbeddingConfig()
+    # "regions": detector-region features of `region_feature_dim` (`regions.py`) instead of pixels.
+    image_input: str = "patches"
+    region_feature_dim: int = 0
+    num_regions: int = 0
 
     def setup(self):
         self.image_encoder = ImageTransformer(
-            self.image_transformer, self.image_size, self.patch_size, self.image_embeddings
+            self.image_transformer, self.image_size, self.patch_size, self.image_embeddings,
+            region_feature_dim=self.region_feature_dim if self.image_input == "regions" else 0,
         )
         self.text_encoder = TextTransformer(
             self.text_transformer, self.vocab_size, self.max_text_length, self.text_embeddings
@@ -245,6 +316,10 @@ class DualEncoder(_RetrievalModel):
     @property
     def image_width(self) -> int:
         return self.image_transformer.width
+
+    @property
+    def has_image_token(self) -> bool:
+        return self.image_input == "regions" or self.image_embeddings.class_token
 
     def text_sequence(self, token_ids, text_mask, *, train=False):
         return self.text_encoder(token_ids, text_mask, train=train)

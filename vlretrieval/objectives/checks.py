@@ -37,6 +37,11 @@ def check_objectives(
     for term in terms:
         if term.check is not None:
             term.check(config, setting)
+    if config.composed_image_negatives and getattr(model, "image_input", "patches") == "regions":
+        raise UserError(
+            "config.objectives.composed_image_negatives mixes image patches; with "
+            "config.model.image_input=regions there are none: switch it off"
+        )
     if config.composed_text_negatives and not has_content_words:
         raise UserError(
             "config.objectives.composed_text_negatives needs the dataset's content-word lists "

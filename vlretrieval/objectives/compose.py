@@ -39,9 +39,9 @@ def split_loss_rng(rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
 
 
 def _applier(model, params, dropout_rng):
-    def apply(*args, method):
+    def apply(*args, method, **options):
         return model.apply(
-            {"params": params}, *args, train=True, rngs={"dropout": dropout_rng}, method=method
+            {"params": params}, *args, train=True, rngs={"dropout": dropout_rng}, method=method, **options
         )
 
     return apply
@@ -67,9 +67,8 @@ def make_objective(
     def tower_outputs(params, batch, rng):
         dropout_rng, mix_rng = jax.random.split(rng)
         apply = _applier(model, params, dropout_rng)
-        outputs = dict(
-            apply(batch["images"], batch["token_ids"], batch["text_mask"], method=model.__call__)
-        )
+        outputs = dict(apply(batch["images"], batch["token_ids"], batch["text_mask"],
+                             sequences="sequences" in needs, method=model.__call__))
         if "composed_negatives" in needs and config.composed_image_negatives:
             # Patches from the next image of the same (micro-)batch replace a fraction of each
             # image's patches: an image that matches its caption only in part.

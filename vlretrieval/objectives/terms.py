@@ -13,7 +13,13 @@ builds the objective from the table and `checks.py` runs every term's checks bef
   LaBSE's additive `text_text_margin`;
 - `image_text_matching`: the joint model's ITM head on positives and on negatives drawn from the
   batch in proportion to their contrastive similarity (ALBEF/VinVL-style hard negatives);
-- `masked_language_model`: BERT-style MLM on the text, with the image as context.
+- `masked_language_model`: BERT-style MLM on the text, with the image as context;
+- `late_interaction_hinge`: TERAN's hinge over word x region late-interaction scores
+  (`late_interaction_aggregation`; `hinge_margin`, `hinge_top_k` as VSE++'s), on the towers'
+  token and region states;
+- `masked_region_features` / `masked_region_classes`: masked region modelling for region inputs
+  (UNITER's MRFR, Unicoder-VL's MOC): `region_mask_probability` of the real regions have their
+  features hidden; their joint outputs regress the features / classify the detector's label.
 
 Tower terms run on the towers' outputs through a `losses.TowerLosses` (the whole batch in one
 array, or `parallel.CrossDeviceLosses` over a sharded batch); joint terms run their own joint pass.
@@ -31,8 +37,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vlretrieval import losses, negatives
+from vlretrieval import late_interaction, losses, negatives
 from vlretrieval.errors import UserError
+from vlretrieval.models.regions import unpack_regions
 
 CONTRASTIVE_LOSSES = ("softmax", "sigmoid")
 # Settings of the composed negatives, which are inputs of the image-text tower terms, not terms.
@@ -153,6 +160,25 @@ def _check_hinge(config, setting: Setting) -> None:
         raise UserError(f"config.objectives.hinge_top_k must be at least 1, not {config.hinge_top_k}")
 
 
+def _late_interaction_hinge(inputs: TermInputs):
+    outputs, config = inputs.outputs, inputs.config
+    value = inputs.tower_losses.late_interaction_hinge_loss(
+        outputs["word_embeddings"], outputs["word_mask"], outputs["region_embeddings"], outputs["region_mask"],
+        config.hinge_margin, aggregation=config.late_interaction_aggregation, top_k=config.hinge_top_k,
+    )
+    return value, {}
+
+
+def _check_late_interaction(config, setting: Setting) -> None:
+    if config.late_interaction_aggregation not in late_interaction.AGGREGATIONS:
+        raise UserError(f"config.objectives.late_interaction_aggregation is {config.late_interaction_aggregation!r}; "
+                        f"choose one of {late_interaction.AGGREGATIONS}")
+    if config.late_interaction_hinge > 0 and (config.composed_text_negatives or config.composed_image_negatives):
+        raise UserError("config.objectives.late_interaction_hinge scores word x region states; composed "
+                        "negatives are pooled embeddings only: switch them off or the term")
+    _check_hinge(config, setting)
+
+
 def _text_text(inputs: TermInputs):
     config = inputs.config
     scale = inputs.logit_scale if config.text_text_temperature == 0 else 1.0 / config.text_text_temperature
@@ -254,6 +280,53 @@ def _check_masked_language_model(config, setting: Setting) -> None:
         )
 
 
+def choose_regions(rng: jax.Array, images: jax.Array, probability: float) -> jax.Array:
+    """bool [batch, regions]: each real region chosen with `probability` (padding never)."""
+    _, _, real, _ = unpack_regions(images)
+    return (real > 0) & (jax.random.uniform(rng, real.shape) < probability)
+
+
+def _masked_region_pass(inputs: TermInputs):
+    """The joint pass over (caption, regions with some features hidden): (outputs, chosen)."""
+    batch = inputs.batch
+    chosen = choose_regions(inputs.rng, batch["images"], inputs.config.region_mask_probability)
+    joint = inputs.joint(batch["token_ids"], batch["text_mask"], batch["images"], mask_regions=chosen,
+                         method=inputs.model.joint_forward)
+    return joint, chosen
+
+
+def _masked_region_features(inputs: TermInputs):
+    joint, chosen = _masked_region_pass(inputs)
+    features, _, _, _ = unpack_regions(inputs.batch["images"])
+    return losses.masked_region_feature_loss(joint["region_features"], features, chosen), {}
+
+
+def _masked_region_classes(inputs: TermInputs):
+    joint, chosen = _masked_region_pass(inputs)
+    _, _, _, labels = unpack_regions(inputs.batch["images"])
+    value, accuracy = losses.masked_region_class_loss(joint["region_class_logits"], labels, chosen)
+    return value, {"masked_region_classes_accuracy": accuracy}
+
+
+def _check_masked_regions(name: str):
+    def check(config, setting: Setting) -> None:
+        if not 0 < config.region_mask_probability <= 1:
+            raise UserError(f"config.objectives.region_mask_probability must be in (0, 1], "
+                            f"not {config.region_mask_probability}")
+        if config[name] <= 0:
+            return
+        _needs_joint_model(name)(config, setting)
+        joint = setting.model.config
+        if joint.image_input != "regions":
+            raise UserError(f"config.objectives.{name} masks detector regions: it needs "
+                            "config.model.image_input=regions")
+        if name == "masked_region_classes" and not joint.region_classes:
+            raise UserError("config.objectives.masked_region_classes needs the number of region classes: "
+                            "set config.model.regions.classes")
+
+    return check
+
+
 # The table. Tower terms are summed in this order, then the joint terms.
 TERMS = (
     Term("text_text", _text_text, "towers", needs=("bitext",),
@@ -264,8 +337,15 @@ TERMS = (
          hyperparameters=("reweight_beta",)),
     Term("hardest_negative_hinge", _hardest_negative_hinge, "towers", needs=("composed_negatives",),
          hyperparameters=("hinge_margin", "hinge_top_k"), check=_check_hinge),
+    Term("late_interaction_hinge", _late_interaction_hinge, "towers", needs=("sequences",),
+         hyperparameters=("late_interaction_aggregation", "hinge_margin", "hinge_top_k"),
+         check=_check_late_interaction),
     Term("image_text_matching", _image_text_matching, "joint",
          hyperparameters=("itm_sampling_temperature",), check=_needs_joint_model("image_text_matching")),
     Term("masked_language_model", _masked_language_model, "joint",
          hyperparameters=("mlm_probability",), check=_check_masked_language_model),
+    Term("masked_region_features", _masked_region_features, "joint",
+         hyperparameters=("region_mask_probability",), check=_check_masked_regions("masked_region_features")),
+    Term("masked_region_classes", _masked_region_classes, "joint",
+         hyperparameters=("region_mask_probability",), check=_check_masked_regions("masked_region_classes")),
 )
