@@ -40,10 +40,25 @@ def temporary_bytes(loss_fn, mesh, global_batch: int, dim: int, scalars: int) ->
     return int(compiled.memory_analysis().temp_size_in_bytes)
 
 
+def late_interaction_bytes(mesh, global_batch: int, words: int, regions: int, dim: int) -> int:
+    """The same for TERAN's hinge over late-interaction scores: [B, words, dim] token states and
+    [B, regions, dim] region states with their masks, O(b x B x words x regions) per device."""
+    sharding = parallel.batch_sharding(mesh)
+    shape = lambda *dims: jax.ShapeDtypeStruct(dims, jnp.float32, sharding=sharding)
+    inputs = (shape(global_batch, words, dim), shape(global_batch, words),
+              shape(global_batch, regions, dim), shape(global_batch, regions))
+    loss = parallel.CrossDeviceLosses(mesh).late_interaction_hinge_loss
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 2))).lower(*inputs).compile()
+    return int(compiled.memory_analysis().temp_size_in_bytes)
+
+
 def main() -> None:
     parser = arguments.OneLineParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--global_batch", type=arguments.positive_int, nargs="+", default=[4096])
+    parser.add_argument("--global_batch", type=arguments.positive_int, nargs="*", default=[4096])
     parser.add_argument("--dim", type=arguments.positive_int, default=512)
+    parser.add_argument("--late_interaction_batch", type=arguments.positive_int, nargs="*", default=[],
+                        help="also TERAN's late-interaction hinge at these global batches (32 words, 37 "
+                             "regions, 128-d states)")
     args = parser.parse_args()
     variants = {
         "softmax": (lambda losses: lambda i, t, s: losses.softmax_contrastive_loss(i, t, s)[0], 1),
@@ -66,6 +81,12 @@ def main() -> None:
                 rows.append({"loss": name, "devices": devices, "global_batch": global_batch,
                              "dim": args.dim, "temp_bytes_per_device": size})
                 print(json.dumps(rows[-1]), flush=True)
+    for global_batch in args.late_interaction_batch:
+        for devices in (1, 2, 4, 8):
+            size = late_interaction_bytes(parallel.make_mesh(devices), global_batch, 32, 37, 128)
+            rows.append({"loss": "late_interaction_hinge", "devices": devices, "global_batch": global_batch,
+                         "dim": 128, "words": 32, "regions": 37, "temp_bytes_per_device": size})
+            print(json.dumps(rows[-1]), flush=True)
     print("\n| loss | global batch | devices | temp MiB per device | vs 1 device |")
     print("|---|---|---|---|---|")
     for row in rows:

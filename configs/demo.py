@@ -110,6 +110,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             # False: the pooled image output is the embedding (SigLIP; embed_dim = image width).
             image_projection=True,
             text_projection_bias=False,  # SigLIP's text head has a bias
+            # A hashing head: per tower a linear layer from the embedding to this many bits (0:
+            # none; else a multiple of 8: 16, 32, 64, 128), trained through tanh with the
+            # objectives' hash_* terms, read by sign into packed codes (docs/hashing.md).
+            hash_bits=0,
         )
     )
     # Embedding details of converted Hugging Face models (kind == "dual"): BERT has token-type
@@ -198,8 +202,39 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             masked_region_features=0.0,
             masked_region_classes=0.0,
             region_mask_probability=0.15,
+            # Distillation from config.distill.teacher (docs/hashing.md): KL(teacher || student)
+            # between the row softmaxes, at this temperature, of the similarity matrices over the
+            # global batch, each matrix weighted by its similarity_* weight below.
+            distillation=0.0,
+            distillation_temperature=0.05,
+            # The matrices the teacher terms (distillation, hash_similarity) compare: image x
+            # text, image x image, text x text (0 leaves one out; a single-tower teacher has only
+            # its own modality's).
+            similarity_image_text=1.0,
+            similarity_image_image=1.0,
+            similarity_text_text=1.0,
+            # Hashing (model.head.hash_bits > 0): mean (1 - |tanh(h)|)^2 pushes the relaxed bits
+            # to +-1; hash_similarity matches the codes' similarity b.b'/K to the teacher's cosine
+            # (no teacher: the student's own), squared error; with distill.joint_teaching the
+            # targets move towards the two students' agreed similarity by this fraction at most.
+            hash_quantization=0.0,
+            hash_similarity=0.0,
+            joint_teaching_refinement=0.5,
         )
     )
+
+    # A frozen teacher whose similarity structure the student learns (objectives.distillation,
+    # objectives.hash_similarity; docs/hashing.md).
+    config.distill = ml_collections.ConfigDict()
+    # One of our run folders or its checkpoints/<step>, or a folder written by `vlretrieval
+    # convert` (CLIP, SigLIP, ViLT; a single BERT/ViT/sentence-transformers tower gives its own
+    # modality's matrix only). Empty: no teacher. Its weights are loaded into params["teacher"]
+    # and frozen; it must read the student's tokens (the same tokenizer) and images.
+    config.distill.teacher = ""
+    # JOG's joint teaching: a peer student of config.model's architecture trained beside the
+    # student on the same hashing terms; where the two agree, their code similarity refines the
+    # teacher's targets (objectives.joint_teaching_refinement). Needs a teacher and hash_bits.
+    config.distill.joint_teaching = False
 
     # Translation pairs for the text-text task (used when objectives.text_text > 0).
     config.bitext = ml_collections.ConfigDict()

@@ -118,6 +118,10 @@ CASES = [
     ("{train} --config.objectives.masked_region_features=1.0", "it needs config.model.image_input=regions"),
     ("{train} --config.objectives.late_interaction_aggregation=max_max", "late_interaction_aggregation"),
     ("{train} --config.objectives.text_text=0.5 --config.bitext.tsv_dir={scratch}/tsv", "is not UTF-8 text"),
+    # distillation and hashing: no such teacher, a term with no teacher, a code length not in bytes
+    ("{train} --config.distill.teacher={scratch}/no_teacher --config.objectives.distillation=1.0", "does not exist"),
+    ("{train} --config.objectives.distillation=1.0", "set config.distill.teacher"),
+    ("{train} --config.model.head.hash_bits=12", "config.model.head.hash_bits is 12"),
     ("train {tiny} --workdir {scratch}/a_file --data_dir {data}", "is a file"),
     ("train --config configs/missing.py --workdir {scratch}/w", "does not exist"),
     # eval

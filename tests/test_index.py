@@ -121,3 +121,61 @@ def test_cli_search_with_a_missing_index_is_one_error_line(tmp_path):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(missing) in lines[0]
+
+
+def test_a_code_index_is_searched_and_evaluated_by_hamming_distance(tmp_path, monkeypatch):
+    """`index --codes` stores the embeddings' signs packed (embed_dim / 8 bytes an item); search
+    and eval rank by Hamming distance, and eval's recall equals the float evaluation's sign-code
+    (`hamming`) section; float and code indexes refuse the other kind of query in one line."""
+    from vlretrieval.evaluation import codes
+
+    tokenizer = TextTokenizer(train_wordpiece_tokenizer(iter(WORDS * 20), vocab_size=100))
+    config = get_config()
+    config.model = tiny_model_config()
+    config.data.languages = ("en",)
+    config.data.max_text_length = 8
+    config.eval.batch_size = 8
+    config.eval.report = False
+    config.train.num_devices = 1
+    model = build_model(config.model, tokenizer.vocab_size)
+    params = init_params(model, jax.random.key(1))
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (12, 16, 16, 3)).astype(np.uint8)
+    captions = [[" ".join(rng.choice(WORDS, 4)) for _ in range(2)] for _ in range(12)]
+    data = FakeData(tokenizer, images, captions)
+    monkeypatch.setattr(index_commands, "restore_for_evaluation", lambda config, workdir: (model, params, data, 3))
+
+    path = str(tmp_path / "codes.safetensors")
+    summary = index_commands.build_index(config, str(tmp_path), path, binary=True)
+    assert summary["code_bits"] == 16 and summary["bytes_per_item"] == 4 and summary["code_source"] == "sign"
+    saved = index.read_index(path)
+    assert saved.is_codes and saved.embeddings.dtype == np.uint32 and saved.embeddings.shape == (12, 1)
+    image_embeddings = np.asarray(model.apply({"params": params}, images.astype(np.float32) / 127.5 - 1,
+                                              method=model.encode_image))
+    np.testing.assert_array_equal(saved.embeddings, codes.pack_codes(image_embeddings))
+
+    found = index_commands.search_index(config, str(tmp_path), path, [captions[5][0]], k=12)
+    ids, mask = tokenizer.encode([captions[5][0]], 8)
+    query = np.asarray(model.apply({"params": params}, ids, mask, method=model.encode_text)) >= 0
+    distances = ((image_embeddings >= 0) != query).sum(axis=1)
+    expected = sorted(range(12), key=lambda i: (distances[i], i))  # ties to the lower index
+    assert [r["id"] for r in found[0]["results"]] == [f"photo{i}" for i in expected]
+    assert [r["score"] for r in found[0]["results"]] == [-float(distances[i]) for i in expected]
+
+    config.eval.metrics = ("recall", "hamming")
+    direct = checkpoints.evaluate_checkpoint(config, str(tmp_path), model, params, data)
+    config.eval.index = path
+    indexed = checkpoints.evaluate_checkpoint(config, str(tmp_path), model, params, data)
+    for direction in ("text_to_image", "image_to_text"):
+        for k in (1, 5, 10):
+            assert indexed["average"][direction][f"R@{k}"] == direct["average"]["hamming"][direction][f"R@{k}"]
+
+    with pytest.raises(UserError, match="16-bit binary codes; float embeddings cannot query it"):
+        index.query_checker(saved, path)(unit(2, 16))
+    with pytest.raises(UserError, match="16-bit codes from the embeddings' signs but this model's text codes are "
+                                        "64 bits from a hashing head"):
+        index.check_code_queries(saved, path, 64, "hash_head")
+    float_path = str(tmp_path / "floats.safetensors")
+    index.write_index(float_path, unit(3, 16), ["a", "b", "c"], step=1, config_hash="h")
+    with pytest.raises(UserError, match="holds float embeddings; binary codes cannot query it"):
+        index.check_code_queries(index.read_index(float_path), float_path, 16, "sign")

@@ -13,8 +13,8 @@ from vlretrieval.train import train
 TEST_IMAGES = 100  # chance R@1 text -> image is 1%
 
 
-def short_run(variant: str, data_dir: str, steps: int):
-    return load_config(f"configs/demo_regions.py:{variant}_tiny", [
+def short_run(variant: str, data_dir: str, steps: int, *extra: str):
+    return load_config(f"configs/demo_regions.py:{variant}_tiny", [*extra,
         f"data.data_dir={data_dir}", "data.num_train=2048", f"data.num_test={TEST_IMAGES}",
         f"train.num_steps={steps}", "train.batch_size=64", "optimizer.warmup_steps=20",
         f"train.checkpoint_every={steps}", f"train.log_every={steps}", "data.languages=('en',)",
@@ -37,22 +37,25 @@ def data_dir(tmp_path_factory):
 
 def test_the_joint_region_model_pretrained_with_masked_region_modelling_retrieves_far_above_chance(
         data_dir, tmp_path):
-    config = short_run("joint", data_dir, steps=100)
+    # InfoNCE and masked region modelling (ITM and MLM are tested with patches: tests/test_decomposition.py).
+    config = short_run("joint", data_dir, 100, "objectives.image_text_matching=0.0",
+                       "objectives.masked_language_model=0.0")
     trained = train(config, str(tmp_path), progress=False)
     with open(os.path.join(tmp_path, "metrics.jsonl")) as handle:
         last = json.loads(handle.readlines()[-1])
-    for term in ("masked_region_features_loss", "masked_region_classes_loss", "masked_language_model_loss",
-                 "image_text_matching_loss", "contrastive_loss"):
+    for term in ("masked_region_features_loss", "masked_region_classes_loss", "contrastive_loss"):
         assert last[term] == last[term], term  # finite
     assert last["masked_region_classes_accuracy"] > 0.5  # 5 shapes: chance is 0.2
     towers = evaluated(config, str(tmp_path), trained, "towers")
+    print("joint region model, towers:", towers)
     assert towers["text_to_image"]["R@1"] > 20 and towers["image_to_text"]["R@1"] > 20, towers
 
 
 def test_teran_late_interaction_trains_and_retrieves_far_above_chance(data_dir, tmp_path):
-    config = short_run("teran", data_dir, steps=100)
+    config = short_run("teran", data_dir, 100)
     trained = train(config, str(tmp_path), progress=False)
     late = evaluated(config, str(tmp_path), trained, "late_interaction")
+    print("TERAN, late interaction:", late)
     assert late["text_to_image"]["R@1"] > 20 and late["image_to_text"]["R@1"] > 20, late
     assert 0 < late["text_to_image"]["NDCG@25"] <= 100
     reranked = evaluated(config, str(tmp_path), trained, "late_interaction_rerank")

@@ -121,7 +121,7 @@ def test_a_converted_text_tower_fine_tunes_with_the_converted_defaults_and_a_fro
     assert "'optimizer.learning_rate': 0.0002" in written and "'optimizer.warmup_steps': 100" in written
     run = ["data.num_train=2048", "data.num_test=100", f"data.data_dir={data_dir}", "train.batch_size=64",
            "train.num_steps=300", "train.log_every=50", "train.checkpoint_every=300", "eval.batch_size=100",
-           f"train.init_from={converted_dir}"]
+           f"train.init_from={converted_dir}", "train.num_devices=1"]
     config = load_config(f"{converted_dir}/config.py:tiny", run)
     assert config.optimizer.learning_rate == 2e-4 and config.model.head.text_pooling == "mean"
     results = train_and_evaluate(config, str(tmp_path / "tuned"), progress=False)

@@ -123,6 +123,9 @@ def _parser() -> argparse.ArgumentParser:
         commands, "index", "Embed the images of config.eval.split with the latest checkpoint in "
         "--workdir and save them as an index (safetensors: embeddings, item ids, step, config hash).")))
     index_command.add_argument("--output", required=True, help="the index file to write")
+    index_command.add_argument("--codes", action="store_true",
+                               help="store packed binary codes (a hashing head's, else the embeddings' signs: "
+                               "8 bytes an item at 64 bits), searched by Hamming distance")
     _add_search_arguments(_with_checkpoint_choice(_with_hosts(_command(
         commands, "search", "Embed text queries with the latest checkpoint in --workdir and print "
         "each one's top k items of a saved index, one JSON line per query."))))
@@ -257,14 +260,16 @@ def run(argv: list[str]) -> int:
         from vlretrieval.evaluation import index_commands
 
         if args.command == "index":
-            summary = index_commands.build_index(config, args.workdir, args.output)
+            summary = index_commands.build_index(config, args.workdir, args.output, binary=args.codes)
         else:
             queries = index_commands.read_queries(args.query, args.queries_file)
             found = index_commands.search_index(config, args.workdir, args.index, queries, args.k)
         hosts.finish()
         if args.command == "index":
-            log.info(f"wrote {summary['items']} embeddings of dimension {summary['dim']} "
-                     f"(checkpoint step {summary['step']}) to {summary['index']}")
+            what = (f"{summary['code_bits']}-bit codes ({summary['code_source']})" if "code_bits" in summary
+                    else f"embeddings of dimension {summary['dim']}")
+            log.info(f"wrote {summary['items']} {what}, {summary['bytes_per_item']} bytes an item "
+                     f"(checkpoint step {summary['step']}), to {summary['index']}")
         elif jax.process_index() == 0:  # the command's output (JSON lines to pipe), not a log line
             index_commands.print_results(found)
         return 0

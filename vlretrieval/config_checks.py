@@ -18,6 +18,7 @@ from typing import Any
 import ml_collections
 
 from vlretrieval.errors import UserError
+from vlretrieval.evaluation.codes import check_code_bits
 from vlretrieval.evaluation.evaluate import MODES
 from vlretrieval.evaluation.metrics import TIES, check_metrics
 from vlretrieval.evaluation.search import SCORE_DTYPES
@@ -109,6 +110,17 @@ def multipliers(value) -> str | None:
     return None
 
 
+def hash_bits(value) -> str | None:
+    """0 (no hashing head) or a code length `codes.check_code_bits` accepts."""
+    if _is_integer(value) and value == 0:
+        return None
+    try:
+        check_code_bits(value)
+    except UserError:
+        return "0 (no hashing head) or a positive multiple of 8: 16, 32, 64 or 128"
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
     key: str  # dotted path under config
@@ -135,6 +147,7 @@ RULES = (
     Rule("model.attention", choice(*ATTENTION_IMPLEMENTATIONS)),
     Rule("model.image_size", integer(1)),
     Rule("model.patch_size", integer(1)),
+    Rule("model.head.hash_bits", hash_bits),
     Rule("train.batch_size", integer(1)),
     Rule("train.num_steps", integer(1)),
     Rule("train.log_every", integer(1)),
@@ -162,6 +175,8 @@ RULES = (
     Rule("objectives.image_mix_fraction", number(minimum=0, maximum=1)),
     Rule("objectives.region_mask_probability", number(above=0, maximum=1)),
     Rule("objectives.late_interaction_aggregation", choice(*AGGREGATIONS)),
+    Rule("objectives.distillation_temperature", number(above=0)),
+    Rule("objectives.joint_teaching_refinement", number(minimum=0, maximum=1)),
     Rule("model.image_input", choice(*IMAGE_INPUTS)),
     Rule("bitext.batch_size", integer(1)),
     Rule("eval.split", non_empty_text),

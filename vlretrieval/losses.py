@@ -16,6 +16,10 @@ import optax
 
 from vlretrieval import late_interaction
 
+# The teacher and hashing terms' full-batch losses (structure_losses.py), part of this module's
+# `TowerLosses`.
+from vlretrieval.structure_losses import hash_similarity_loss, similarity_distillation_loss  # noqa: F401
+
 
 def similarity_logits(
     image_embeddings: jax.Array, text_embeddings: jax.Array, logit_scale: jax.Array
@@ -150,6 +154,16 @@ class TowerLosses(typing.Protocol):
 
     def late_interaction_hinge_loss(
         self, words, word_mask, regions, region_mask, margin=0.2, aggregation="max_mean", top_k=1,
+    ) -> jax.Array: ...
+
+    def similarity_distillation_loss(
+        self, image_embeddings, text_embeddings, teacher_image_embeddings, teacher_text_embeddings,
+        temperature, image_text=1.0, image_image=1.0, text_text=1.0,
+    ) -> jax.Array: ...
+
+    def hash_similarity_loss(
+        self, image_codes, text_codes, target_images, target_texts, peer_image_codes=None,
+        peer_text_codes=None, refinement=0.0, image_text=1.0, image_image=1.0, text_text=1.0,
     ) -> jax.Array: ...
 
 

@@ -81,13 +81,14 @@ def _scale_by_multipliers(lr_mults) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def make_optimizer(config: ml_collections.ConfigDict, num_steps: int):
+def make_optimizer(config: ml_collections.ConfigDict, num_steps: int, frozen: tuple[str, ...] = ()):
     """AdamW with linear warm-up, cosine decay and global-norm clipping; returns (tx, schedule).
 
     Fine-tuning: parameters whose path matches an `optimizer.freeze` pattern get no update, no
     weight decay and no optimizer state, and their gradients count in no norm (open_clip's
     --lock-image / --lock-text); `optimizer.lr_mults` scales the rest by the first matching
-    pattern's multiplier (big_vision's lr_mults). Without either, the plain chain, whose state
+    pattern's multiplier (big_vision's lr_mults). `frozen` adds patterns the run itself freezes
+    (a distillation teacher: `distillation.FROZEN`). Without any, the plain chain, whose state
     every earlier checkpoint holds."""
     warmup = min(config.warmup_steps, max(num_steps - 1, 0))
     schedule = optax.warmup_cosine_decay_schedule(
@@ -101,7 +102,7 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int):
         optax.clip_by_global_norm(config.gradient_clip_norm),
         optax.adamw(schedule, b2=config.b2, weight_decay=config.weight_decay, mask=weight_decay_mask),
     ]
-    lr_mults, freeze = tuple(config.get("lr_mults", ())), tuple(config.get("freeze", ()))
+    lr_mults, freeze = tuple(config.get("lr_mults", ())), tuple(config.get("freeze", ())) + tuple(frozen)
     if lr_mults:
         transforms.append(_scale_by_multipliers(lr_mults))
     tx = optax.chain(*transforms)

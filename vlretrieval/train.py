@@ -18,7 +18,7 @@ import optax
 from tqdm import tqdm
 
 from vlretrieval import config as config_lib
-from vlretrieval import objectives, parallel, preemption, throughput
+from vlretrieval import distillation, objectives, parallel, preemption, throughput
 from vlretrieval.accumulate import accumulated_value_and_grad
 from vlretrieval.checkpoint import Checkpointer, has_checkpoint
 from vlretrieval.collapse import CollapseWatch
@@ -72,10 +72,12 @@ def make_train_step(objective, tx, schedule, *, accumulation_steps: int = 1, mes
     return train_step
 
 
-def objective_for(model, config: ml_collections.ConfigDict, data, mesh):
-    """The config's objectives over the mesh, checked against the model, data and batch layout."""
+def objective_for(model, config: ml_collections.ConfigDict, data, mesh, student=None, teacher=None):
+    """The config's objectives over the mesh, checked against the model (the `student` of a
+    teacher-student model, and its `teacher`), data and batch layout."""
     objectives.check_objectives(
-        config.objectives, model, data.tokenizer.mask_id, data.content_words is not None
+        config.objectives, model if student is None else student, data.tokenizer.mask_id,
+        data.content_words is not None, teacher=teacher,
     )
     objective = objectives.make_objective(
         model,
@@ -110,11 +112,13 @@ class _Run:
     data: Any
     translations: Any
     mesh: Any
-    model: Any
+    model: Any  # what the step trains: the student, or a TeacherStudent holding it
     tx: Any
     schedule: Any
     state: TrainState
     objective: objectives.Objective
+    student: Any  # the model evaluation uses (`model` itself without a teacher)
+    teacher: distillation.Teacher | None = None
 
 
 def _checked_run(config: ml_collections.ConfigDict, workdir: str) -> _Run:
@@ -128,18 +132,21 @@ def _checked_run(config: ml_collections.ConfigDict, workdir: str) -> _Run:
         shards.epoch_shards(list(data.shards.paths), config.seed, 0, jax.process_index(), jax.process_count())
     mesh = parallel.make_mesh(config.train.num_devices or None)
     parallel.check_batch_divisible(config.train.batch_size, mesh, "config.train.batch_size")
-    model = build_model(config.model, data.tokenizer.vocab_size)
-    datasets.check_image_input(data, config.eval.split, image_shape(model), model.image_input)
-    tx, schedule = make_optimizer(config.optimizer, config.train.num_steps)
+    student = build_model(config.model, data.tokenizer.vocab_size)
+    datasets.check_image_input(data, config.eval.split, image_shape(student), student.image_input)
+    teacher = distillation.open_teacher(config, data.tokenizer.vocab_size)  # a teacher that cannot serve fails now
+    model = distillation.training_model(config, student, data.tokenizer.vocab_size, teacher)
+    tx, schedule = make_optimizer(config.optimizer, config.train.num_steps,
+                                  frozen=distillation.FROZEN if teacher else ())
     state = create_train_state(model, tx, config.seed)
     check_fine_tuning(config.optimizer, state.params)  # a freeze pattern that matches nothing
-    objective = objective_for(model, config, data, mesh)
+    objective = objective_for(model, config, data, mesh, student=student, teacher=teacher)
     translations = None
     if config.objectives.text_text > 0:
         parallel.check_batch_divisible(config.bitext.batch_size, mesh, "config.bitext.batch_size")
         parallel.check_accumulation(config.bitext.batch_size, mesh, config.train.accumulation_steps)
         translations = datasets.open_translations(config.bitext, config.data, config.seed)
-    return _Run(data, translations, mesh, model, tx, schedule, state, objective)
+    return _Run(data, translations, mesh, model, tx, schedule, state, objective, student, teacher)
 
 
 def _starting_state(config: ml_collections.ConfigDict, run: _Run, checkpointer):
@@ -159,19 +166,28 @@ def _starting_state(config: ml_collections.ConfigDict, run: _Run, checkpointer):
 
 def _initialised_from(config: ml_collections.ConfigDict, workdir: str, run: _Run) -> TrainState:
     """A new run starting from another run's weights (e.g. the towers from a pre-trained joint
-    model): parameters only; the optimizer, step and data order start afresh. A resumed run
-    ignores it: its own checkpoint is newer."""
-    if not config.train.init_from or has_checkpoint(workdir):
+    model): parameters only; the optimizer, step and data order start afresh. With a teacher
+    (config.distill) `init_from` initialises the student, and the teacher's own weights go into
+    params["teacher"]. A resumed run ignores both: its own checkpoint is newer."""
+    if has_checkpoint(workdir) or not (config.train.init_from or run.teacher):
         return run.state
-    params = initial_params(config.train.init_from, run.state.params, config.model)
-    log.info(f"initialised the parameters from {config.train.init_from}")
+    params = run.state.params
+    if config.train.init_from:  # the student's parameters
+        if run.teacher is None:
+            params = initial_params(config.train.init_from, params, config.model)
+        else:
+            params = {**params, "student": initial_params(config.train.init_from, params["student"], config.model)}
+        log.info(f"initialised the parameters from {config.train.init_from}")
+    if run.teacher is not None:  # the frozen teacher's own weights
+        params = distillation.with_teacher_params(params, run.teacher)
+        log.info(f"distilling from {run.teacher.description} at {run.teacher.path} (frozen)")
     return run.state.replace(params=params, opt_state=run.tx.init(params))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True):
     """Train to `config.train.num_steps`, resuming from the latest checkpoint in `workdir`.
 
-    Returns (model, params, data) for evaluation.
+    Returns (model, params, data) for evaluation: with a teacher, the student's.
     """
     run = _checked_run(config, workdir)
     run.state = _initialised_from(config, workdir, run)
@@ -212,7 +228,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
         batches.close()
         checkpointer.wait()
         checkpointer.close()
-    return run.model, state.params, run.data
+    return run.student, _student_params(run, state.params), run.data
+
+
+def _student_params(run: _Run, params):
+    return params if run.teacher is None else params["student"]
 
 
 def _loop(config, workdir, run: _Run, step_fn, state, batches, checkpointer, start_step, progress):
@@ -260,7 +280,7 @@ def _loop(config, workdir, run: _Run, step_fn, state, batches, checkpointer, sta
             eval_metrics = None
             if config.train.eval_every and (step % config.train.eval_every == 0 or is_last):
                 eval_metrics = checkpoints.evaluate_during_training(
-                    config, run.model, state.params, data, run.mesh
+                    config, run.student, _student_params(run, state.params), data, run.mesh
                 )
                 writer.write({"step": step, **{f"eval_{k}": v for k, v in eval_metrics.items()}})
                 meter.restart(step)

@@ -14,11 +14,12 @@ import jax
 import ml_collections
 
 from vlretrieval import config as config_lib
-from vlretrieval import parallel
+from vlretrieval import distillation, parallel
 from vlretrieval.checkpoint import Checkpointer, load_params
 from vlretrieval.data import datasets, pipeline
+from vlretrieval.errors import UserError
+from vlretrieval.evaluation import codes, metrics, report
 from vlretrieval.evaluation import index as index_file
-from vlretrieval.evaluation import metrics, report
 from vlretrieval.evaluation.evaluate import LATE_INTERACTION_MODES, evaluate_split, write_results
 from vlretrieval.files import check_writable
 from vlretrieval.models import build_model, image_shape
@@ -61,20 +62,25 @@ def restore_for_evaluation(config: ml_collections.ConfigDict, workdir: str):
     Prints `config_lib.evaluated_config_note` where the config's data or model settings differ
     from the checkpoint's."""
     data = datasets.open_dataset(config.data, seed=config.seed, training=False)
-    model = build_model(config.model, data.tokenizer.vocab_size)
+    vocab_size = data.tokenizer.vocab_size
+    model = build_model(config.model, vocab_size)
     datasets.check_image_input(data, config.eval.split, image_shape(model), model.image_input)
-    tx, _ = make_optimizer(config.optimizer, config.train.num_steps)
+    # A run distilled from a teacher saved the teacher-student model: restored whole, the
+    # student evaluated.
+    teacher = distillation.open_teacher(config, vocab_size)
+    trained = distillation.training_model(config, model, vocab_size, teacher)
+    tx, _ = make_optimizer(config.optimizer, config.train.num_steps, frozen=distillation.FROZEN if teacher else ())
     # Read-only: evaluation never renames, cleans up or deletes anything in the run's folder.
     checkpointer = Checkpointer(workdir, read_only=True)
     step, state = checkpointer.restore_latest(
-        create_train_state(model, tx, config.seed), step=config.eval.step or None,
+        create_train_state(trained, tx, config.seed), step=config.eval.step or None,
         fallback=config.eval.fallback,
     )
     note = config_lib.evaluated_config_note(checkpointer.saved_config(step), config, step)
     checkpointer.close()
     if note:
         log.info(note)
-    return model, state.params, data, step
+    return model, state.params if teacher is None else state.params["student"], data, step
 
 
 def evaluate_checkpoint(
@@ -93,6 +99,16 @@ def evaluate_checkpoint(
     # A saved image index (`vlretrieval index`) stands in for embedding the images; the query
     # encoder must give vectors of its dimension and normalisation.
     saved_index = index_file.read_index(config.eval.index) if config.eval.index else None
+    code_options = {}
+    if saved_index is not None and saved_index.is_codes:  # ranked by Hamming distance
+        if config.eval.mode != "towers":
+            raise UserError(f"config.eval.index {config.eval.index} holds binary codes: evaluate it in towers mode")
+        _, text_codes, bits, source = codes.model_code_encoders(model, parallel.replicate(params, mesh))
+        index_file.check_code_queries(saved_index, config.eval.index, bits, source)
+        # Rank metrics only: mAP, NDCG and the sign-code section score float embeddings.
+        kept = [name for name in metrics.check_metrics(config.eval.metrics)
+                if name in ("recall", "rank", "mean_recall", "paired_recall")]
+        code_options = {"text_codes": text_codes, "metrics": tuple(kept)}
     results = evaluate_split(
         model,
         params,
@@ -106,8 +122,9 @@ def evaluate_checkpoint(
         rerank_tower_weight=config.eval.rerank_tower_weight,
         image_embeddings=None if saved_index is None else index_file.gallery_for_split(
             saved_index, config.eval.index, len(split["images"])),
-        check_queries=None if saved_index is None else index_file.query_checker(saved_index, config.eval.index),
-        **towers_options(config),
+        check_queries=None if saved_index is None or code_options else index_file.query_checker(
+            saved_index, config.eval.index),
+        **{**towers_options(config), **code_options},
     )
     results["split"] = config.eval.split
     results["step"] = None if step is None else int(step)

@@ -107,3 +107,22 @@ def nearest_member_keys(queries: jax.Array, words: jax.Array, real: jax.Array) -
         key = (distance << shift) | jnp.uint32(member)
         best = key if best is None else jnp.minimum(best, key)
     return best
+
+
+def model_code_encoders(model, params):
+    """(images -> [N, bits] signs, (ids, mask) -> [N, bits] signs, bits, source) of a model's
+    towers, jitted with the parameters: its hashing head's bits where it has one
+    (`head.hash_bits`, source `hash_head`), else the signs of its float embeddings (`sign`, one bit
+    a dimension). `pack_codes` packs either."""
+    head_bits = getattr(model.head, "hash_bits", 0)
+    if head_bits:
+        image, text, source = model.encode_image_codes, model.encode_text_codes, "hash_head"
+    else:
+        image, text, source = model.encode_image, model.encode_text, "sign"
+    bits = head_bits or model.head.embed_dim
+    check_code_bits(bits)
+    encode_image = jax.jit(lambda p, images: model.apply({"params": p}, images, method=image))
+    encode_text = jax.jit(lambda p, ids, mask: model.apply({"params": p}, ids, mask, method=text))
+    image_codes = lambda images: encode_image(params, images)
+    text_codes = lambda ids, mask: encode_text(params, ids, mask)
+    return image_codes, text_codes, bits, source

@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from vlretrieval import parallel
 from vlretrieval.data.pipeline import NormalizedImages, padded_host_positions
 from vlretrieval.data.tokenizer import TextTokenizer
-from vlretrieval.evaluation import late_scores, rerank
+from vlretrieval.evaluation import codes, late_scores, rerank
 from vlretrieval.evaluation.metrics import (  # noqa: F401  (the public names callers import from here)
     DEFAULT_METRICS,
     DEFAULT_TIES,
@@ -117,6 +117,7 @@ def evaluate_split(
     search_options: dict[str, Any] | None = None,
     ndcg_at: Sequence[int] = (25,),
     aggregation: str = "max_mean",
+    text_codes: Callable | None = None,
 ) -> dict[str, Any]:
     """Per-language and average retrieval metrics on a split loaded by `pipeline.load_split`.
 
@@ -132,6 +133,8 @@ def evaluate_split(
     mode's ranks (`metrics.TIES`, recorded in the results); `image_embeddings` (e.g. from a
     saved index) replace embedding the images, and `check_queries` may refuse the text
     embeddings that cannot be compared with them; `search_options` go to `search.ranks`.
+    `text_codes` (`codes.model_code_encoders`' text encoder), with `image_embeddings` a code
+    index's packed codes: the captions are encoded to codes and ranked by Hamming distance.
     """
     if mode not in MODES:
         raise ValueError(f"unknown evaluation mode {mode!r}; choose one of {MODES}")
@@ -157,7 +160,9 @@ def evaluate_split(
         texts = [caption for captions in captions_per_image for caption in captions]
         owners = np.repeat(np.arange(len(captions_per_image)), [len(c) for c in captions_per_image])
         token_ids, text_mask = tokenizer.encode(texts, max_text_length)
-        text_embeddings = embed_in_batches(encode_text, [token_ids, text_mask], batch_size, mesh)
+        text_embeddings = embed_in_batches(text_codes or encode_text, [token_ids, text_mask], batch_size, mesh)
+        if text_codes is not None:
+            text_embeddings = codes.pack_codes(text_embeddings)
         if check_queries is not None:
             check_queries(text_embeddings)
         if mode == "towers":

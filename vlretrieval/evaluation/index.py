@@ -1,9 +1,13 @@
 """Saved embedding indexes: a gallery's embeddings, item ids and provenance in one safetensors file.
 
-Tensors: `embeddings` [items, dim] float32, item ids as UTF-8 bytes with offsets. Metadata: the
-checkpoint step, a hash of the model config, the modality, the dimension and whether the vectors
-are L2-normalised. Any query encoder whose output has the same dimension and normalisation may
-query the index (e.g. a newer text tower against images indexed earlier); others are refused.
+Tensors: `embeddings` [items, dim] float32, or for a code index (`vlretrieval index --codes`)
+`codes` [items, ceil(bits / 32)] uint32 packed binary codes (`codes.py`: 8 bytes an item at 64
+bits, against 4 x dim for floats); item ids as UTF-8 bytes with offsets. Metadata: the checkpoint
+step, a hash of the model config, the modality, the dimension and whether the vectors are
+L2-normalised, or the code length and where the codes came from (`sign`: the signs of the
+embeddings; `hash_head`: a trained hashing head). Any query encoder whose output has the same
+dimension and normalisation (for codes: the same length and source) may query the index (e.g. a
+newer text tower against images indexed earlier); others are refused.
 """
 
 from __future__ import annotations
@@ -25,18 +29,31 @@ FORMAT = "vlretrieval-index"
 VERSION = "1"
 
 
+CODE_SOURCES = ("sign", "hash_head")
+
+
 @dataclasses.dataclass
 class Index:
-    embeddings: np.ndarray
+    embeddings: np.ndarray  # float32 [items, dim], or uint32 [items, words] packed codes
     item_ids: list[str]
     step: int
     config_hash: str
     modality: str
     normalized: bool
+    code_bits: int = 0  # 0: float embeddings
+    code_source: str = ""
 
     @property
     def dim(self) -> int:
         return int(self.embeddings.shape[1])
+
+    @property
+    def is_codes(self) -> bool:
+        return self.code_bits > 0
+
+    @property
+    def bytes_per_item(self) -> int:
+        return int(self.embeddings.shape[1] * self.embeddings.itemsize)
 
 
 def config_hash(model_config: ml_collections.ConfigDict) -> str:
@@ -52,24 +69,30 @@ def is_normalized(embeddings: np.ndarray, tolerance: float = 1e-3) -> bool:
 
 def write_index(
     path: str, embeddings: np.ndarray, item_ids: Sequence[str], *, step: int, config_hash: str,
-    modality: str = "image",
+    modality: str = "image", code_bits: int = 0, code_source: str = "",
 ) -> None:
-    """Write atomically (a temporary file renamed), so a failed write leaves any old index whole."""
-    embeddings = np.ascontiguousarray(embeddings, np.float32)
+    """Write atomically (a temporary file renamed), so a failed write leaves any old index whole.
+    With `code_bits`, `embeddings` are packed codes (uint32 words, `codes.pack_codes`)."""
+    is_codes = code_bits > 0
+    embeddings = np.ascontiguousarray(embeddings, np.uint32 if is_codes else np.float32)
     if embeddings.ndim != 2 or len(item_ids) != len(embeddings):
         raise ValueError(f"{len(item_ids)} item ids for embeddings of shape {embeddings.shape}")
+    if is_codes and code_source not in CODE_SOURCES:
+        raise ValueError(f"code_source must be one of {CODE_SOURCES}, not {code_source!r}")
     encoded = [str(item).encode("utf-8") for item in item_ids]
     offsets = np.cumsum([0] + [len(e) for e in encoded]).astype(np.int64)
     tensors = {
-        "embeddings": embeddings,
+        "codes" if is_codes else "embeddings": embeddings,
         "item_id_bytes": np.frombuffer(b"".join(encoded), np.uint8).copy(),
         "item_id_offsets": offsets,
     }
     metadata = {
         "format": FORMAT, "version": VERSION, "step": str(step), "config_hash": config_hash,
         "modality": modality, "dim": str(embeddings.shape[1]),
-        "normalized": str(is_normalized(embeddings)).lower(),
+        "normalized": "false" if is_codes else str(is_normalized(embeddings)).lower(),
     }
+    if is_codes:
+        metadata.update(code_bits=str(code_bits), code_source=code_source)
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise UserError(f"cannot write the index {path}: directory {directory} does not exist")
@@ -88,17 +111,42 @@ def read_index(path: str) -> Index:
         tensors = load_file(path)
     except Exception as error:  # safetensors raises several types for a file that is not one
         raise UserError(f"--index {path}: not a readable safetensors file ({first_line(error)})") from None
-    if metadata.get("format") != FORMAT or "embeddings" not in tensors:
+    if metadata.get("format") != FORMAT or not {"embeddings", "codes"} & set(tensors):
         raise UserError(f"--index {path}: not a vlretrieval index (no '{FORMAT}' metadata); "
                         f"write one with `vlretrieval index`")
     data, offsets = tensors["item_id_bytes"].tobytes(), tensors["item_id_offsets"]
     ids = [data[offsets[i] : offsets[i + 1]].decode("utf-8") for i in range(len(offsets) - 1)]
-    return Index(tensors["embeddings"], ids, int(metadata["step"]), metadata["config_hash"],
-                 metadata["modality"], metadata["normalized"] == "true")
+    vectors = tensors["codes"] if "codes" in tensors else tensors["embeddings"]
+    return Index(vectors, ids, int(metadata["step"]), metadata["config_hash"], metadata["modality"],
+                 metadata["normalized"] == "true", int(metadata.get("code_bits", 0)),
+                 metadata.get("code_source", ""))
+
+
+def check_code_queries(index: Index, path: str, query_bits: int, query_source: str) -> None:
+    """Refuse, in one line, a code index that this model's query codes cannot be compared with,
+    and a float index queried for codes (or the reverse)."""
+    if not index.is_codes:
+        if query_bits:
+            raise UserError(f"--index {path}: it holds float embeddings; binary codes cannot query it "
+                            "(re-index with `vlretrieval index --codes`, or query with embeddings)")
+        return
+    if not query_bits:
+        raise UserError(f"--index {path}: it holds {index.code_bits}-bit binary codes; float embeddings "
+                        "cannot query it: search it with codes (`search --codes`, `eval --codes`)")
+    if (index.code_bits, index.code_source) != (query_bits, query_source):
+        where = lambda source: "a hashing head" if source == "hash_head" else "the embeddings' signs"
+        raise UserError(
+            f"--index {path}: it holds {index.code_bits}-bit codes from {where(index.code_source)} but this "
+            f"model's text codes are {query_bits} bits from {where(query_source)}; re-index the gallery "
+            "with this model (`vlretrieval index --codes`)"
+        )
 
 
 def check_compatible(index: Index, path: str, query_dim: int, query_normalized: bool) -> None:
     """Refuse, in one line, an index the query encoder's vectors cannot be compared with."""
+    if index.is_codes:
+        raise UserError(f"--index {path}: it holds {index.code_bits}-bit binary codes; float embeddings "
+                        "cannot query it: search it with codes (`search --codes`, `eval --codes`)")
     if index.dim != query_dim:
         raise UserError(
             f"--index {path}: its embeddings have dimension {index.dim} but this query encoder "
@@ -115,8 +163,9 @@ def check_compatible(index: Index, path: str, query_dim: int, query_normalized: 
 def gallery_for_split(index: Index, path: str, count: int) -> np.ndarray:
     """The index's embeddings as the gallery of an evaluation split of `count` images."""
     if index.modality != "image" or len(index.embeddings) != count:
+        kind = f"{index.code_bits}-bit codes of" if index.is_codes else ""
         raise UserError(
-            f"--index {path}: it holds {len(index.embeddings)} {index.modality} embeddings but the "
+            f"--index {path}: it holds {len(index.embeddings)} {kind} {index.modality} embeddings but the "
             f"evaluation split has {count} images; index the same split (and config.eval.max_images)"
         )
     return index.embeddings

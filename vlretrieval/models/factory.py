@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from vlretrieval.errors import UserError
+from vlretrieval.evaluation.codes import check_code_bits
 from vlretrieval.models.embeddings import ImageEmbeddingConfig, TextEmbeddingConfig
 from vlretrieval.models.joint import IMAGE_INPUTS, JointConfig
 from vlretrieval.models.pooling import IMAGE_POOLINGS, TEXT_POOLINGS
@@ -93,6 +94,11 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int):
     for name, choices in (("text_pooling", TEXT_POOLINGS), ("image_pooling", IMAGE_POOLINGS)):
         if getattr(head, name) not in choices:
             raise UserError(f"config.model.head.{name} must be one of {choices}")
+    if head.hash_bits:
+        try:
+            check_code_bits(head.hash_bits)
+        except UserError as error:
+            raise UserError(f"config.model.head.hash_bits: {error}") from None
     image_input = _image_input(config, head)
     if config.kind == "decomposed":
         transformer = _transformer(config, "transformer", wide)
@@ -140,7 +146,9 @@ def _check_image_head(head: TowerHead, embeddings: ImageEmbeddingConfig, width: 
 
 
 def image_shape(model) -> tuple[int, ...]:
-    """One image's input shape: [size, size, 3] pixels, or [regions, feature_dim + 7] packed regions."""
+    """One image's input shape: [size, size, 3] pixels, or [regions, feature_dim + 7] packed regions
+    (a teacher-student model's are its student's)."""
+    model = getattr(model, "student", model)
     cfg = model.config if isinstance(model, DecomposedVLTransformer) else model
     if cfg.image_input == "regions":
         return (cfg.num_regions, packed_width(cfg.region_feature_dim))
@@ -149,6 +157,7 @@ def image_shape(model) -> tuple[int, ...]:
 
 def example_inputs(model, batch_size: int = 2) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Dummy (images, token_ids, text_mask) of the shapes the model expects."""
+    model = getattr(model, "student", model)
     cfg = model.config if isinstance(model, DecomposedVLTransformer) else model
     images = jnp.zeros((batch_size, *image_shape(model)), jnp.float32)
     token_ids = jnp.zeros((batch_size, cfg.max_text_length), jnp.int32)

@@ -5,8 +5,9 @@ Two models share that interface:
   modality, so there is exactly one copy of the transformer weights (params["joint"]).
 - `DualEncoder` (CLIP/MURAL/SigLIP): an independent ViT and text transformer.
 Pooling (a token, a mean, SigLIP's attention-pooling head) lives in `pooling.py`.
-Both hold a learnable temperature (and, for the sigmoid loss, a learnable logit bias); `__call__`
-returns what the contrastive losses need.
+Both hold a learnable temperature (and, for the sigmoid loss, a learnable logit bias) and optionally
+a hashing head (`head.hash_bits`: K-bit codes per tower, docs/hashing.md); `__call__` returns what
+the objective terms need.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ from vlretrieval.models.joint import JointConfig, JointVLTransformer, image_toke
 from vlretrieval.models.pooling import AttentionPoolingHead, pool
 from vlretrieval.models.regions import RegionEmbeddings
 from vlretrieval.models.transformer import Encoder, TransformerConfig
+
+
+def _sign(x: jax.Array) -> jax.Array:
+    return jnp.where(x >= 0, 1.0, -1.0).astype(jnp.float32)
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -74,6 +79,9 @@ class TowerHead:
     image_projection: bool = True
     # SigLIP's text head is a linear layer with a bias; CLIP's projections have none.
     text_projection_bias: bool = False
+    # A hashing head: per tower a linear layer from the embedding to this many bits (0: none);
+    # trained through tanh, read by sign (`encode_image_codes`, `encode_text_codes`).
+    hash_bits: int = 0
 
 
 class _RetrievalModel(nn.Module):
@@ -123,6 +131,15 @@ class _RetrievalModel(nn.Module):
     def encode_image(self, images: jax.Array, *, train: bool = False) -> jax.Array:
         return self._image_outputs(images, train)[2]
 
+    def encode_image_codes(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+        """[batch, hash_bits] +-1 codes of the images: the sign of the hashing head's output (0 is
+        +1, as `codes.pack_codes` reads it)."""
+        return _sign(self.image_hash(self.encode_image(images, train=train)))
+
+    def encode_text_codes(self, token_ids: jax.Array, text_mask: jax.Array, *, train: bool = False) -> jax.Array:
+        """[batch, hash_bits] +-1 codes of the texts (see `encode_image_codes`)."""
+        return _sign(self.text_hash(self.encode_text(token_ids, text_mask, train=train)))
+
     def _word_states(self, sequence, text_mask):
         return l2_normalize(self.text_projection(sequence)), text_mask.astype(jnp.float32)
 
@@ -156,6 +173,9 @@ class _RetrievalModel(nn.Module):
             self.text_pooler = nn.Dense(self.text_width)
         if self.head.image_pooler:
             self.image_pooler = nn.Dense(self.image_width)
+        if self.head.hash_bits:
+            self.image_hash = nn.Dense(self.head.hash_bits)
+            self.text_hash = nn.Dense(self.head.hash_bits)
         self.logit_scale = LogitScale(
             self.head.initial_temperature, self.head.max_logit_scale, self.head.clip_logit_scale
         )
@@ -183,6 +203,9 @@ class _RetrievalModel(nn.Module):
             outputs["region_embeddings"], outputs["region_mask"] = self._region_states(image_sequence, image_mask)
         if self.head.logit_bias:
             outputs["logit_bias"] = self.logit_bias
+        if self.head.hash_bits:  # the hashing head's pre-tanh outputs, for the hashing terms
+            outputs["image_hash_logits"] = self.image_hash(image_embeddings)
+            outputs["text_hash_logits"] = self.text_hash(text_embeddings)
         return outputs
 
 

@@ -12,10 +12,11 @@ from vlretrieval.objectives.terms import COMPOSED_NEGATIVE_SETTINGS, TERMS, Sett
 
 def check_objectives(
     config: ml_collections.ConfigDict, model, mask_id: int | None, has_content_words: bool,
-    terms: tuple[Term, ...] = TERMS,
+    terms: tuple[Term, ...] = TERMS, teacher=None,
 ) -> None:
     """Fail early on objectives that cannot run: an unknown key, a negative or missing weight,
-    nothing to train, or a term's own check (a joint term on a model with no joint pass...)."""
+    nothing to train, or a term's own check (a joint term on a model with no joint pass, a
+    teacher term with no `teacher` (`distillation.Teacher`)...)."""
     known = {term.name for term in terms}
     known.update(key for term in terms for key in term.hyperparameters)
     known.update(COMPOSED_NEGATIVE_SETTINGS)
@@ -33,7 +34,7 @@ def check_objectives(
             )
     if not any(config[term.name] > 0 for term in terms):
         raise UserError("every config.objectives weight is 0: nothing to train")
-    setting = Setting(model, mask_id, has_content_words)
+    setting = Setting(model, mask_id, has_content_words, teacher)
     for term in terms:
         if term.check is not None:
             term.check(config, setting)

@@ -19,7 +19,18 @@ builds the objective from the table and `checks.py` runs every term's checks bef
   token and region states;
 - `masked_region_features` / `masked_region_classes`: masked region modelling for region inputs
   (UNITER's MRFR, Unicoder-VL's MOC): `region_mask_probability` of the real regions have their
-  features hidden; their joint outputs regress the features / classify the detector's label.
+  features hidden; their joint outputs regress the features / classify the detector's label;
+- `distillation`: the frozen teacher's (config.distill.teacher) similarity structure over the
+  global batch: KL between row softmaxes at `distillation_temperature` of the image x text,
+  image x image and text x text matrices, weighted by `similarity_image_text`,
+  `similarity_image_image`, `similarity_text_text` (`losses.similarity_distillation_loss`);
+- `hash_quantization`: the hashing head's relaxed bits tanh(h) pushed to +-1,
+  mean (1 - |tanh(h)|)^2 (`structure_losses.quantization_loss`), the peer student's too;
+- `hash_similarity`: the relaxed codes' similarity b_i . b_j / K matched (squared error) to the
+  teacher's cosine similarity (without a teacher, the student's own float embeddings'), the same
+  matrix weights; with config.distill.joint_teaching the targets are refined online by the two
+  students' agreement (`structure_losses.refined_similarity`, `joint_teaching_refinement`;
+  docs/hashing.md). Their functions: `teacher_terms.py`.
 
 Tower terms run on the towers' outputs through a `losses.TowerLosses` (the whole batch in one
 array, or `parallel.CrossDeviceLosses` over a sharded batch); joint terms run their own joint pass.
@@ -40,6 +51,7 @@ import ml_collections
 from vlretrieval import late_interaction, losses, negatives
 from vlretrieval.errors import UserError
 from vlretrieval.models.regions import unpack_regions
+from vlretrieval.objectives import teacher_terms
 
 CONTRASTIVE_LOSSES = ("softmax", "sigmoid")
 # Settings of the composed negatives, which are inputs of the image-text tower terms, not terms.
@@ -55,6 +67,7 @@ class Setting:
     model: Any
     mask_id: int | None
     has_content_words: bool
+    teacher: Any = None  # `distillation.Teacher` of config.distill, or None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -340,6 +353,14 @@ TERMS = (
     Term("late_interaction_hinge", _late_interaction_hinge, "towers", needs=("sequences",),
          hyperparameters=("late_interaction_aggregation", "hinge_margin", "hinge_top_k"),
          check=_check_late_interaction),
+    Term("distillation", teacher_terms.distillation, "towers",
+         hyperparameters=("distillation_temperature", *teacher_terms.SIMILARITY_MATRICES),
+         check=teacher_terms.check_distillation),
+    Term("hash_quantization", teacher_terms.hash_quantization, "towers",
+         check=teacher_terms.needs_hashing_head("hash_quantization")),
+    Term("hash_similarity", teacher_terms.hash_similarity, "towers",
+         hyperparameters=(*teacher_terms.SIMILARITY_MATRICES, "joint_teaching_refinement"),
+         check=teacher_terms.needs_hashing_head("hash_similarity")),
     Term("image_text_matching", _image_text_matching, "joint",
          hyperparameters=("itm_sampling_temperature",), check=_needs_joint_model("image_text_matching")),
     Term("masked_language_model", _masked_language_model, "joint",

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from vlretrieval import late_interaction, losses
+from vlretrieval import late_interaction, losses, structure_losses
 from vlretrieval.parallel.mesh import DATA_AXIS
 from vlretrieval.parallel.ring import ring_sigmoid, ring_softmax_direction, shard_map
 
@@ -119,3 +119,75 @@ class CrossDeviceLosses:
         return shard_map(local, self.mesh, (data,) * 4 + (whole,), whole)(
             words, word_mask, regions, region_mask, jnp.asarray(margin, words.dtype)
         )
+
+    def _gathered_matrices(self, block_sum, matrices, arrays, values, normaliser):
+        """sum over `matrices` of weight x `block_sum`(local rows, gathered columns) / `normaliser`(B).
+
+        `arrays` are per-example ({name: [B, ...] or None}), `values` replicated scalars;
+        each matrix is (weight, row name, column name, options), read by `block_sum(rows, columns,
+        first_row, values, options)` as `rows[name]` (local) and `columns[name]` (all devices')."""
+        names = [name for name, array in arrays.items() if array is not None]
+
+        def local(*flat):
+            mine = dict(zip(names, flat[: len(names)]))
+            everyone = {name: jax.lax.all_gather(array, DATA_AXIS, tiled=True) for name, array in mine.items()}
+            rows = next(iter(mine.values())).shape[0]
+            first = jax.lax.axis_index(DATA_AXIS) * rows
+            total = 0.0
+            for weight, row_group, column_group, options in matrices:
+                local_rows = {key: mine.get(name) for key, name in row_group.items()}
+                columns = {key: everyone.get(name) for key, name in column_group.items()}
+                total += weight * block_sum(local_rows, columns, first, flat[len(names):], options)
+            global_rows = rows * jax.lax.psum(1, DATA_AXIS)
+            return jax.lax.psum(total, DATA_AXIS) / normaliser(global_rows)
+
+        data, whole = PartitionSpec(DATA_AXIS), PartitionSpec()
+        in_specs = (data,) * len(names) + (whole,) * len(values)
+        return shard_map(local, self.mesh, in_specs, whole)(*[arrays[name] for name in names], *values)
+
+    def similarity_distillation_loss(
+        self, image_embeddings, text_embeddings, teacher_image_embeddings, teacher_text_embeddings,
+        temperature, image_text=1.0, image_image=1.0, text_text=1.0,
+    ):
+        """`losses.similarity_distillation_loss` over the global batch: each device's rows against
+        every device's columns (student and teacher embeddings all-gathered; memory O(b x B))."""
+        arrays = {"image": image_embeddings, "text": text_embeddings,
+                  "teacher_image": teacher_image_embeddings, "teacher_text": teacher_text_embeddings}
+
+        def group(rows, columns):
+            return ({"student": rows, "teacher": f"teacher_{rows}"},
+                    {"student": columns, "teacher": f"teacher_{columns}"})
+
+        matrices = [(weight / 2, *group("image", "text"), False) for weight in (image_text,) if weight]
+        matrices += [(weight / 2, *group("text", "image"), False) for weight in (image_text,) if weight]
+        matrices += [(weight, *group(name, name), True)
+                     for weight, name in ((image_image, "image"), (text_text, "text")) if weight]
+
+        def block(rows, columns, first, values, exclude_self):
+            return structure_losses.similarity_kl_rows(rows["student"], columns["student"], rows["teacher"],
+                                                       columns["teacher"], values[0], first, exclude_self)
+
+        return self._gathered_matrices(block, matrices, arrays, (jnp.asarray(temperature, jnp.float32),),
+                                       lambda rows: rows)
+
+    def hash_similarity_loss(
+        self, image_codes, text_codes, target_images, target_texts, peer_image_codes=None,
+        peer_text_codes=None, refinement=0.0, image_text=1.0, image_image=1.0, text_text=1.0,
+    ):
+        """`losses.hash_similarity_loss` over the global batch: each device's rows of codes against
+        every device's codes and targets (all-gathered; memory O(b x B))."""
+        arrays = {"image": image_codes, "text": text_codes, "target_image": target_images,
+                  "target_text": target_texts, "peer_image": peer_image_codes, "peer_text": peer_text_codes}
+
+        def group(name):
+            return {"codes": name, "target": f"target_{name}", "peer": f"peer_{name}"}
+
+        matrices = [(weight, group(rows), group(columns), None) for weight, rows, columns in (
+            (image_text, "image", "text"), (image_image, "image", "image"), (text_text, "text", "text")) if weight]
+
+        def block(rows, columns, first, values, options):
+            return structure_losses.hash_similarity_rows(rows["codes"], columns["codes"], rows["target"],
+                                                         columns["target"], rows["peer"], columns["peer"], values[0])
+
+        return self._gathered_matrices(block, matrices, arrays, (jnp.asarray(refinement, jnp.float32),),
+                                       lambda rows: rows * rows)
