@@ -7,6 +7,7 @@ they were (nothing written, renamed or removed). Then the damaged-checkpoint cas
 read-only and names the damaged step; with --fallback it scores the previous one and says which.
 """
 
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -188,14 +189,35 @@ def test_the_catalogue_has_every_command():
     assert len(CASES) >= 30
 
 
-@pytest.mark.parametrize("case,fragment", CASES, ids=[f"{_command(case)}-{i}" for i, (case, _) in enumerate(CASES)])
-def test_bad_input_ends_in_one_error_line_and_touches_nothing(run_folders, case, fragment):
-    data, workdir, scratch = run_folders
-    names = dict(tiny=" ".join(TINY), data=data, run=workdir, scratch=scratch)
+def _run_case(case: str, names: dict):
     commands = {name: command.format(**names) for name, command in COMMANDS.items()}
     arguments = case.format(**names, **commands).split()
+    return run(*arguments) if arguments[0].startswith("benchmarks/") else cli(*arguments)
+
+
+TEST_NAME = "test_bad_input_ends_in_one_error_line_and_touches_nothing"
+
+
+@pytest.fixture(scope="module")
+def outcomes(run_folders, request):
+    """Every selected case's command, run two at a time in the background from the first test on:
+    each is its own process (most of its time is starting Python and JAX), and the machine has
+    two cores. With the folders' snapshot from before any of them ran: a case that wrote anything
+    fails every test that checks after it."""
+    data, workdir, scratch = run_folders
+    names = dict(tiny=" ".join(TINY), data=data, run=workdir, scratch=scratch)
+    selected = [item.callspec.params["case"] for item in request.session.items
+                if getattr(item, "originalname", None) == TEST_NAME]
     before = snapshot(data, workdir, scratch)
-    result = run(*arguments) if arguments[0].startswith("benchmarks/") else cli(*arguments)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        yield before, {case: pool.submit(_run_case, case, names) for case in selected}
+
+
+@pytest.mark.parametrize("case,fragment", CASES, ids=[f"{_command(case)}-{i}" for i, (case, _) in enumerate(CASES)])
+def test_bad_input_ends_in_one_error_line_and_touches_nothing(run_folders, outcomes, case, fragment):
+    data, workdir, scratch = run_folders
+    before, futures = outcomes
+    result = futures[case].result()
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]

@@ -33,7 +33,9 @@ def trained(tmp_path_factory):
     )
     overrides = [f"data.data_dir={data_dir}", f"data.tokenizer={tokenizer}"]
     workdir = str(base / "run")
-    train_and_evaluate(load_config("configs/demo.py:tiny", overrides), workdir, progress=False)
+    # One device: the run only has to exist (sharded evaluation is test_sharded_eval.py's).
+    train_and_evaluate(load_config("configs/demo.py:tiny", [*overrides, "train.num_devices=1"]), workdir,
+                       progress=False)
     return base, workdir, overrides
 
 

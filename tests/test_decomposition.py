@@ -19,7 +19,8 @@ def joint_run(tmp_path_factory):
     """A tiny joint pre-training run (ITC + ITM + MLM), finished, and its config."""
     data_dir = str(tmp_path_factory.mktemp("data"))
     workdir = str(tmp_path_factory.mktemp("joint"))
-    config = load_config("configs/demo_joint.py:tiny", [f"data.data_dir={data_dir}"])
+    # One device: what is tested is the weights (sharding: test_sharded_step.py).
+    config = load_config("configs/demo_joint.py:tiny", [f"data.data_dir={data_dir}", "train.num_devices=1"])
     _, params, data = train(config, workdir, progress=False)
     return workdir, config, params, data
 

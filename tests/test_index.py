@@ -66,22 +66,29 @@ class FakeData:
         return self.records
 
 
-def test_index_then_search_and_eval_with_the_index(tmp_path, monkeypatch):
+def tiny_checkpoint(monkeypatch, count: int, seed: int, step: int):
+    """(config, model, params, data, images, captions): a random tiny model over `count` random
+    images with 2 captions each, standing in for a trained checkpoint (`restore_for_evaluation`)."""
     tokenizer = TextTokenizer(train_wordpiece_tokenizer(iter(WORDS * 20), vocab_size=100))
     config = get_config()
     config.model = tiny_model_config()
     config.data.languages = ("en",)
     config.data.max_text_length = 8
     config.eval.batch_size = 8
-    config.eval.metrics = ("recall", "map")
     config.train.num_devices = 1  # sharding is tested in test_sharded_eval.py; here: the files
     model = build_model(config.model, tokenizer.vocab_size)
-    params = init_params(model, jax.random.key(0))
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (6, 16, 16, 3)).astype(np.uint8)
-    captions = [[" ".join(rng.choice(WORDS, 4)) for _ in range(2)] for _ in range(6)]
+    params = init_params(model, jax.random.key(seed))
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (count, 16, 16, 3)).astype(np.uint8)
+    captions = [[" ".join(rng.choice(WORDS, 4)) for _ in range(2)] for _ in range(count)]
     data = FakeData(tokenizer, images, captions)
-    monkeypatch.setattr(index_commands, "restore_for_evaluation", lambda config, workdir: (model, params, data, 7))
+    monkeypatch.setattr(index_commands, "restore_for_evaluation", lambda config, workdir: (model, params, data, step))
+    return config, model, params, data, images, captions
+
+
+def test_index_then_search_and_eval_with_the_index(tmp_path, monkeypatch):
+    config, model, params, data, images, captions = tiny_checkpoint(monkeypatch, 6, seed=0, step=7)
+    config.eval.metrics = ("recall", "map")
 
     path = str(tmp_path / "gallery.safetensors")
     summary = index_commands.build_index(config, str(tmp_path), path)
@@ -129,21 +136,9 @@ def test_a_code_index_is_searched_and_evaluated_by_hamming_distance(tmp_path, mo
     (`hamming`) section; float and code indexes refuse the other kind of query in one line."""
     from vlretrieval.evaluation import codes
 
-    tokenizer = TextTokenizer(train_wordpiece_tokenizer(iter(WORDS * 20), vocab_size=100))
-    config = get_config()
-    config.model = tiny_model_config()
-    config.data.languages = ("en",)
-    config.data.max_text_length = 8
-    config.eval.batch_size = 8
+    config, model, params, data, images, captions = tiny_checkpoint(monkeypatch, 12, seed=1, step=3)
+    tokenizer = data.tokenizer
     config.eval.report = False
-    config.train.num_devices = 1
-    model = build_model(config.model, tokenizer.vocab_size)
-    params = init_params(model, jax.random.key(1))
-    rng = np.random.default_rng(1)
-    images = rng.integers(0, 256, (12, 16, 16, 3)).astype(np.uint8)
-    captions = [[" ".join(rng.choice(WORDS, 4)) for _ in range(2)] for _ in range(12)]
-    data = FakeData(tokenizer, images, captions)
-    monkeypatch.setattr(index_commands, "restore_for_evaluation", lambda config, workdir: (model, params, data, 3))
 
     path = str(tmp_path / "codes.safetensors")
     summary = index_commands.build_index(config, str(tmp_path), path, binary=True)

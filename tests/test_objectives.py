@@ -106,9 +106,10 @@ def test_both_layouts_satisfy_one_tower_losses_protocol_with_the_same_signatures
     config = get_config().objectives
     config.reweighted_contrastive, config.hardest_negative_hinge = 0.5, 0.25
     outputs = _outputs(batch=8)
-    values = [
-        make_objective(None, config, patch_size=8, mask_id=None, vocab_size=0,
-                       tower_losses=implementation).tower_loss(outputs, {})[0]
+    values = [  # jitted: run eagerly, the cross-device rings take seconds op by op
+        jax.jit(lambda o, implementation=implementation: make_objective(
+            None, config, patch_size=8, mask_id=None, vocab_size=0, tower_losses=implementation
+        ).tower_loss(o, {})[0])(outputs)
         for implementation in (losses, parallel.CrossDeviceLosses(parallel.make_mesh(1)))
     ]
     assert float(values[1]) == pytest.approx(float(values[0]), rel=1e-6)

@@ -38,7 +38,7 @@ def data_dir(tmp_path_factory):
 def test_the_joint_region_model_pretrained_with_masked_region_modelling_retrieves_far_above_chance(
         data_dir, tmp_path):
     # InfoNCE and masked region modelling (ITM and MLM are tested with patches: tests/test_decomposition.py).
-    config = short_run("joint", data_dir, 100, "objectives.image_text_matching=0.0",
+    config = short_run("joint", data_dir, 70, "objectives.image_text_matching=0.0",
                        "objectives.masked_language_model=0.0")
     trained = train(config, str(tmp_path), progress=False)
     with open(os.path.join(tmp_path, "metrics.jsonl")) as handle:

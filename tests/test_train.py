@@ -32,32 +32,15 @@ def _losses(workdir):
         return [json.loads(line)["loss"] for line in handle]
 
 
-def test_short_training_lifts_recall_far_above_chance(data_dir, tmp_path):
-    config = tiny_config(
-        data_dir,
-        "data.num_train=2048",
-        "data.num_test=100",
-        "model.transformer.width=64",
-        "model.transformer.depth=2",
-        "model.transformer.num_heads=4",
-        "model.transformer.mlp_dim=128",
-        "model.head.embed_dim=64",
-        "train.batch_size=64",
-        "train.num_steps=250",
-        "train.log_every=50",
-        "train.checkpoint_every=250",
-        "optimizer.learning_rate=0.003",
-        "optimizer.warmup_steps=20",
-        "eval.batch_size=104",
-    )
-    results = train_and_evaluate(config, str(tmp_path), progress=False)
+def test_short_training_lifts_recall_far_above_chance(short_demo_run):
+    _, workdir, results = short_demo_run  # tests/conftest.py: 250 steps on 2,048 demo images
     chance = 100 / 100  # R@1 of a random ranking over 100 images
     average = results["average"]
     assert average["text_to_image"]["R@1"] > 8 * chance, results["average"]
     assert average["image_to_text"]["R@1"] > 8 * chance, results["average"]
-    losses = _losses(str(tmp_path))
+    losses = _losses(workdir)
     assert losses[-1] < losses[0] - 1.0
-    with open(tmp_path / "results.json") as handle:
+    with open(os.path.join(workdir, "results.json")) as handle:
         written = json.load(handle)
     assert set(written["languages"]) == {"en", "de", "fr", "es"}
     assert written["average"]["mean_recall"] == pytest.approx(average["mean_recall"])
@@ -194,11 +177,12 @@ def test_a_run_resumes_and_evaluates_in_the_other_stack_layout(data_dir, tmp_pat
     from vlretrieval.models import layout
 
     switched, straight = str(tmp_path / "switched"), str(tmp_path / "straight")
-    train(tiny_config(data_dir, "train.num_steps=3"), switched, progress=False)
-    _, scanned_params, _ = train(tiny_config(data_dir, "model.scan_layers=true"), switched,
+    one = "train.num_devices=1"  # layouts, not sharding: one device compiles the three runs faster
+    train(tiny_config(data_dir, "train.num_steps=3", one), switched, progress=False)
+    _, scanned_params, _ = train(tiny_config(data_dir, "model.scan_layers=true", one), switched,
                                  progress=False)
     assert layout.is_scanned(scanned_params)
-    _, params, _ = train(tiny_config(data_dir), straight, progress=False)
+    _, params, _ = train(tiny_config(data_dir, one), straight, progress=False)
     # Attention key biases have a zero gradient in exact arithmetic (the softmax ignores them),
     # so Adam turns their rounding noise into lr-sized steps: compared apart, loosely.
     def split(tree):
@@ -215,6 +199,6 @@ def test_a_run_resumes_and_evaluates_in_the_other_stack_layout(data_dir, tmp_pat
     stacked = load_params(straight, jax.device_get(scanned_params))
     for a, b in zip(jax.tree.leaves(stacked), jax.tree.leaves(layout.to_layout(jax.device_get(params), True))):
         np.testing.assert_array_equal(a, b)
-    unrolled = evaluate_checkpoint(tiny_config(data_dir), switched)
-    scanned = evaluate_checkpoint(tiny_config(data_dir, "model.scan_layers=true"), switched)
+    unrolled = evaluate_checkpoint(tiny_config(data_dir, one), switched)
+    scanned = evaluate_checkpoint(tiny_config(data_dir, "model.scan_layers=true", one), switched)
     assert scanned["average"] == unrolled["average"]

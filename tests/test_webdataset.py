@@ -63,7 +63,7 @@ def test_training_from_img2dataset_shards_lifts_recall_far_above_chance(shard_se
         *shard_overrides(shard_set), "model.transformer.width=64", "model.transformer.depth=2",
         "model.transformer.num_heads=4", "model.transformer.mlp_dim=128", "model.head.embed_dim=64",
         "train.batch_size=64", "train.num_steps=160", "train.log_every=40", "train.checkpoint_every=160",
-        "optimizer.learning_rate=0.003", "optimizer.warmup_steps=20", "eval.batch_size=104",
+        "optimizer.learning_rate=0.003", "optimizer.warmup_steps=20", "eval.batch_size=104", "train.num_devices=1",
     ])
     with caplog.at_level(logging.INFO, logger="vlretrieval"):
         results = train_and_evaluate(config, str(tmp_path), progress=False)

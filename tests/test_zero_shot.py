@@ -14,7 +14,6 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from vlretrieval import parallel
-from vlretrieval.config import load_config
 from vlretrieval.data.builders import building
 from vlretrieval.data.builders.scenes import Scene, SceneObject, render_scene
 from vlretrieval.data.image_folder import load_image_folder, load_tfds_classification
@@ -211,20 +210,10 @@ def test_a_locally_prepared_tfds_dataset_reads_like_the_folder(tmp_path, shapes_
 
 
 @pytest.fixture(scope="module")
-def trained_demo(tmp_path_factory):
-    """A demo model trained for 250 steps (as test_train's first test) and restored from its
-    checkpoint as `vlretrieval eval` would."""
-    data_dir, workdir = (str(tmp_path_factory.mktemp(name)) for name in ("data", "run"))
-    from vlretrieval.train import train  # the test trains; zero_shot itself never imports the trainer
-
-    config = load_config("configs/demo.py:tiny", [
-        f"data.data_dir={data_dir}", "data.num_train=2048", "data.num_test=32",
-        "model.transformer.width=64", "model.transformer.depth=2", "model.transformer.num_heads=4",
-        "model.transformer.mlp_dim=128", "model.head.embed_dim=64", "train.batch_size=64",
-        "train.num_steps=250", "train.log_every=50", "train.checkpoint_every=250",
-        "optimizer.learning_rate=0.003", "optimizer.warmup_steps=20", "train.num_devices=1",
-    ])
-    train(config, workdir, progress=False)
+def trained_demo(short_demo_run):
+    """The demo model trained for 250 steps (tests/conftest.py, shared with test_train) restored
+    from its checkpoint as `vlretrieval eval` would."""
+    config, workdir, _ = short_demo_run
     model, params, data, step = restore_for_evaluation(config, workdir)
     assert step == 250
     return config, model, params, data.tokenizer
