@@ -32,6 +32,7 @@ from vlretrieval.data.builders import (
 )
 from vlretrieval.data.tokenizer import TextTokenizer, load_tokenizer
 from vlretrieval.errors import UserError
+from vlretrieval.models.regions import EXTRA_COLUMNS
 
 DATASETS = ("demo_scenes", "demo_regions", "webdataset", *layouts.LAYOUTS, *regions.LAYOUTS)
 # The demo's builders: their tokenizer is the demo's, and its word forms compose their negatives.
@@ -224,8 +225,9 @@ def open_translations(
 
 def check_image_input(data: RetrievalData, split: str, shape: tuple[int, ...], image_input: str) -> None:
     """The dataset's images fit the model's input (`models.image_shape`): pixels for a patch model,
-    packed regions of the model's feature width (and at most its region count) for a region model.
-    One line naming both, before any work; a model fed the wrong kind would fail deep in jit."""
+    packed regions of the model's feature width for a region model (any number of regions: they
+    have no position embedding). One line naming both, before any work; a model fed the wrong kind
+    would fail deep in jit."""
     source = data.split(split)
     if not len(source):
         return
@@ -242,7 +244,8 @@ def check_image_input(data: RetrievalData, split: str, shape: tuple[int, ...], i
             "config.model.image_input=regions"
         )
     if is_regions and value.shape[1] != shape[1]:
+        width, wanted = value.shape[1] - EXTRA_COLUMNS, shape[1] - EXTRA_COLUMNS
         raise UserError(
-            f"the dataset at {data.directory} has region features {value.shape[1] - 7} wide (+7 box, flag and "
-            f"label columns) but config.model.regions.feature_dim is {shape[1] - 7}: set it to {value.shape[1] - 7}"
+            f"the dataset at {data.directory} has region features {width} wide (+{EXTRA_COLUMNS} box, flag and "
+            f"label columns) but config.model.regions.feature_dim is {wanted}: set it to {width}"
         )
