@@ -27,8 +27,11 @@ install-test: $(VENV)/.installed-test
 demo: install
 	$(BIN)/vlretrieval demo --config configs/demo.py --workdir $(WORKDIR) --data_dir $(DATA_DIR)
 
+# Test processes (pytest-xdist): CI's two cores; each holds its own JAX runtime (about 4 GB).
+TEST_WORKERS ?= 2
+
 test: install-test
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests -n $(TEST_WORKERS)
 
 # ruff's rules and line length are in pyproject.toml.
 lint: install-test

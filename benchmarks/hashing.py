@@ -1,14 +1,17 @@
 """Teacher float mAP against distilled student codes at 16-128 bits, with and without joint teaching.
 
   python benchmarks/hashing.py [--workdir workdir/hashing] [--data_dir data] [--seeds 0 1 2]
-                               [--bits 16 32 64 128] [--joint_teaching_bits 64]
+                               [--bits 16 32 64 128] [--joint_teaching_bits 64] [--steps 300]
+                               [--student_steps 1500] [--student='--config.key=value ...']
 
 For each seed: a teacher (the demo's decomposed model, width 64, 2 layers) trained on the demo
-scenes, then for each code length a smaller student (a dual encoder, width 32, 1 layer, with a
-hashing head of that many bits) distilled from it with the same steps and seed: the teacher's
-similarity structure (`distillation`), the codes' similarity to the teacher's (`hash_similarity`)
-and the quantisation term, beside the contrastive loss; at `--joint_teaching_bits` also the same
-with a peer student (`distill.joint_teaching`). Evaluation on the demo test split (English): mAP
+scenes for `--steps`, then for each code length a smaller student (a dual encoder, width 32, 1
+layer, with a hashing head of that many bits) distilled from it for `--student_steps` with the same
+seed: the teacher's similarity structure (`distillation`), the same structure in the codes' signs
+(`hash_distillation`, straight-through), the codes' pairwise similarity to the teacher's
+(`hash_similarity`) and the quantisation term, beside the contrastive loss; at
+`--joint_teaching_bits` also the same with a peer student (`distill.joint_teaching`, whose
+refinement acts on `hash_similarity`'s targets). Evaluation on the demo test split (English): mAP
 with each caption's image as its label, both directions, of the teacher's float embeddings and of
 the students' sign codes (ranked by Hamming distance; ties to the lower gallery index). Prints one
 JSON object per run, then per code length the mean over seeds and the ratio to the teacher's mAP.
@@ -35,9 +38,15 @@ TEACHER = ["--config.model.transformer.width=64", "--config.model.transformer.de
            "--config.optimizer.learning_rate=0.003"]
 
 
-def student_settings(teacher: str, bits: int, joint_teaching: bool) -> list[str]:
-    return ["--config.model.kind=dual", f"--config.model.head.hash_bits={bits}", f"--config.distill.teacher={teacher}",
-            f"--config.distill.joint_teaching={str(joint_teaching).lower()}", "--config.objectives.distillation=1.0",
+def student_settings(teacher: str, bits: int, joint_teaching: bool, steps: int) -> list[str]:
+    """A dual encoder a quarter of the teacher's transformer width x depth (32 x 1 against 64 x 2),
+    trained `steps` steps with distillation, the codes' structure distilled through their signs
+    (straight-through), the codes' pairwise similarities and quantisation, beside InfoNCE."""
+    return ["--config.model.kind=dual", f"--config.model.head.hash_bits={bits}", "--config.model.head.embed_dim=64",
+            f"--config.distill.teacher={teacher}", f"--config.distill.joint_teaching={str(joint_teaching).lower()}",
+            "--config.optimizer.learning_rate=0.003", f"--config.train.num_steps={steps}",
+            f"--config.train.checkpoint_every={steps}", "--config.objectives.distillation=1.0",
+            "--config.objectives.hash_distillation=5.0", "--config.objectives.hash_straight_through=true",
             "--config.objectives.hash_similarity=1.0", "--config.objectives.hash_quantization=0.1"]
 
 
@@ -79,7 +88,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--bits", type=int, nargs="+", default=[16, 32, 64, 128])
     parser.add_argument("--joint_teaching_bits", type=int, nargs="*", default=[64])
-    parser.add_argument("--steps", type=arguments.positive_int, default=300)
+    parser.add_argument("--steps", type=arguments.positive_int, default=300, help="the teacher's steps")
+    parser.add_argument("--student_steps", type=arguments.positive_int, default=1500)
+    parser.add_argument("--student", default="",
+                        help="more overrides for the students only, one string: --student='--config.a=1 --config.b=2'")
     args, extra = parser.parse_known_args()
     spec = "configs/demo.py:tiny"
     records = []
@@ -96,10 +108,12 @@ def main() -> None:
         for bits, joint in runs:
             name = f"codes{bits}" + ("_joint_teaching" if joint else "")
             workdir = os.path.join(args.workdir, f"seed_{seed}", name)
-            overrides = [*base, *student_settings(teacher_dir, bits, joint)]
+            overrides = [*base, *student_settings(teacher_dir, bits, joint, args.student_steps), *args.student.split()]
             trained = train_and_read_results(spec, workdir, args.data_dir, overrides)
+            floats = map_both_ways(spec, overrides, workdir, codes=False)
             record = {"seed": seed, "run": name, "bits": bits, "joint_teaching": joint,
-                      "train_seconds": trained["seconds"], **map_both_ways(spec, overrides, workdir, codes=True)}
+                      "train_seconds": trained["seconds"], **map_both_ways(spec, overrides, workdir, codes=True),
+                      **{f"student_float_{key}": value for key, value in floats.items()}}
             for key in ("text_to_image_mAP", "image_to_text_mAP"):
                 record[f"{key}_of_teacher"] = round(record[key] / max(teacher[key], 1e-9), 3)
             records.append(record)

@@ -52,6 +52,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.restval_to_train = True  # karpathy: fold the restval split into train
     config.data.caption_language = "en"  # jsonl: the language of a plain "caption" field
     config.data.on_bad_record = "skip"  # or "fail": a missing/corrupt image or empty caption
+    # A layout's own options, "NAME=VALUE,...": pascal_sentence test_per_category /
+    # validation_per_category, cub class_split, abo language_tag_prefix / test_fraction (docs/datasets.md).
+    config.data.layout_options = ""
     # Web-scale training shards (config.data.name = webdataset): img2dataset's webdataset tars,
     # streamed per host (vlretrieval/data/streaming.py); evaluation on a prepared dataset.
     config.data.shards = ""  # a brace pattern (/data/cc3m/{00000..00331}.tar), a glob, or a list file
@@ -70,6 +73,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.num_regions = 6
     config.data.region_feature_dim = 64
     config.data.captions_per_image = 5  # precomputed_regions: caption lines per image in {split}_caps.txt
+    # Category labels (label mAP, label-supervised objectives; vlretrieval/data/labels.py): empty, a
+    # labelled dataset's own; on the demo scenes dominant_shape | dominant_colour (one a scene) or
+    # shapes | colours (every one in the scene).
+    config.data.labels = ""
+    # Only some records of a split (vlretrieval/data/subsets.py): a JSON file {split: [record
+    # positions]}; the splits it names are read as those records, by training and evaluation alike.
+    # `vlretrieval continual` writes one per task. Empty: every record.
+    config.data.subset = ""
 
     config.model = ml_collections.ConfigDict()
     config.model.kind = "decomposed"  # or "dual"
@@ -114,6 +125,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             # none; else a multiple of 8: 16, 32, 64, 128), trained through tanh with the
             # objectives' hash_* terms, read by sign into packed codes (docs/hashing.md).
             hash_bits=0,
+            # A topic head (TextTopicNet, docs/topics.md): a linear layer from the pooled image
+            # output to this many LDA topics (0: none), trained by objectives.topic_prediction;
+            # also the number of topics of the LDA fitted on the training texts (config.topics).
+            num_topics=0,
         )
     )
     # Embedding details of converted Hugging Face models (kind == "dual"): BERT has token-type
@@ -220,7 +235,34 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             hash_quantization=0.0,
             hash_similarity=0.0,
             joint_teaching_refinement=0.5,
+            # hash_distillation: the distillation KL above (same temperature and matrices) with
+            # the relaxed codes tanh(h)/|tanh(h)| as the student's embeddings: the codes learn the
+            # teacher's ranking structure, not its raw cosines (no teacher: the student's own).
+            hash_distillation=0.0,
+            # hash_distillation scores sign(h) itself (tanh's gradient passes straight through).
+            hash_straight_through=False,
+            # TextTopicNet (model.head.num_topics > 0, docs/topics.md): soft cross-entropy between
+            # the image's predicted topic distribution and the LDA's distribution of its texts.
+            topic_prediction=0.0,
+            # IDCMR's label-supervised terms (need category labels: config.data.labels on the demo;
+            # docs/labels.md): the pairwise NLL of "shares a category" under sigmoid(scale x cosine)
+            # within each tower / across the towers (DSCMR's scale is 0.5, which on the demo lowered
+            # label mAP), the latter plus this weight x mean ||u_i - v_i||^2 of each pair's embeddings.
+            label_intra_modal=0.0,
+            label_inter_modal=0.0,
+            label_similarity_scale=5.0,
+            modality_invariance=1.0,
         )
+    )
+
+    # The LDA topic model of objectives.topic_prediction and eval.mode=topics (vlretrieval/topics.py),
+    # fitted once per run on each training image's captions joined, saved in <workdir>/topics/;
+    # model.head.num_topics topics, random_state = seed. Vocabulary: words in at least min_df
+    # documents and at most a max_df fraction of them (gensim's filter_extremes keeps no_above=0.5),
+    # the max_features most frequent (0: all), without stop_words ("english" or "": none).
+    config.topics = ml_collections.ConfigDict(
+        dict(max_iter=10, min_df=2, max_df=0.5, max_features=0, stop_words="english",
+             doc_topic_prior=0.0, topic_word_prior=0.0)  # LDA priors alpha, eta; 0: 1 / num_topics
     )
 
     # A frozen teacher whose similarity structure the student learns (objectives.distillation,
@@ -259,13 +301,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optimizer.freeze = ()
     config.optimizer.lr_mults = ()
 
+    # The continual protocol (`vlretrieval continual --tasks FILE`, docs/continual.md): a sequence of
+    # tasks, each task after the first starting from the previous one's parameters. The mitigation
+    # of forgetting: finetune (none), frozen_image_tower (after task 1 every parameter the image
+    # embedding reads is frozen, so saved galleries stay valid) or lwf (learning without
+    # forgetting: objectives.distillation from the previous task's model, at distillation_weight).
+    config.continual = ml_collections.ConfigDict()
+    config.continual.mitigation = "finetune"
+    config.continual.distillation_weight = 1.0
+
     config.eval = ml_collections.ConfigDict()
     config.eval.split = "test"
     config.eval.batch_size = 500
     config.eval.recall_at = (1, 5, 10)
     # or "joint" (ITM score of every pair), "rerank" (the joint model re-orders the towers'
     # shortlist), "late_interaction" (TERAN: every pair by word x region late interaction) or
-    # "late_interaction_rerank" (late interaction re-orders the towers' shortlist)
+    # "late_interaction_rerank" (late interaction re-orders the towers' shortlist) or "topics"
+    # (TextTopicNet's topic space: predicted topics of the images x the run's LDA topics of the
+    # captions, by the Bhattacharyya coefficient; docs/topics.md)
     config.eval.mode = "towers"
     config.eval.late_interaction_aggregation = "max_mean"  # or max_sum | symmetric
     config.eval.shortlist = 20  # candidates per query that rerank re-orders

@@ -148,3 +148,53 @@ def test_a_converted_checkpoint_benchmarks_with_the_same_command(trained, tmp_pa
     result = json.loads((tmp_path / "out" / "demo_en_retrieval.json").read_text())
     assert result["vlretrieval"]["step"] == 0 and result["vlretrieval"]["num_images"] == 64
     assert 0 <= result["metrics"]["image_retrieval_recall@5"] <= 1
+
+
+def test_the_scene_object_suite_runs_on_all_five_layouts_and_writes_the_split_table(trained, tmp_path):
+    """configs/suites/scene_object.json's five datasets, pointed at fixture folders: one command
+    writes the table by group (scene: COCO, Flickr30K; object: CUB, ABO, Fashion200k) with each
+    group's mean, and `benchmarks/scene_object_order.py` reads the models' order off two outputs."""
+    from benchmarks import scene_object_order
+    from tests import labelled_fixtures
+
+    base, workdir, overrides = trained
+    labelled = labelled_fixtures.write_all(tmp_path / "labelled")
+    folders = {"coco": layout_fixtures.make_karpathy(tmp_path / "coco", "coco").source_dir,
+               "flickr30k": layout_fixtures.make_karpathy(tmp_path / "flickr", "flickr30k").source_dir}
+    folders.update({name: labelled[name].source_dir for name in ("cub", "abo", "fashion200k")})
+    suite = json.loads(open("configs/suites/scene_object.json").read())
+    for task in suite["tasks"]:
+        task["dataset"]["manual_dir"] = folders[task["name"]]
+        options = ",".join(f"{k}={v}" for k, v in labelled[task["name"]].options.items()) if (
+            task["name"] in labelled) else ""
+        if options:  # the fixtures' own split options (too few images for the defaults)
+            task["dataset"]["layout_options"] = options
+    suite_path = tmp_path / "suite.json"
+    suite_path.write_text(json.dumps(suite))
+    output = tmp_path / "benchmark"
+    assert cli.run(["benchmark", "--config", "configs/demo.py:tiny", "--workdir", workdir, "--no_progress",
+                    "--suite", str(suite_path), "--output", str(output),
+                    *(f"--config.{override}" for override in overrides)]) == 0
+    merged = json.loads((output / "suite.json").read_text())
+    done = {row["name"]: row for row in merged["results"] if "skipped" not in row}
+    assert sorted(done) == ["abo", "coco", "cub", "fashion200k", "flickr30k"], merged["results"]
+    for group, names in (("scene", ("coco", "flickr30k")), ("object", ("cub", "abo", "fashion200k"))):
+        assert all(done[name]["group"] == group for name in names)
+        mean = np.mean([done[name]["metrics"]["mean_recall"] for name in names])
+        assert merged["group_means"][group] == pytest.approx(mean)
+    markdown = (output / "results.md").read_text()
+    assert "## By group" in markdown
+    assert "| **object mean** | | | " in markdown and f"**{merged['group_means']['object']:.1f}** |" in markdown
+    # A second "model" that is better on scenes and worse on objects reverses the order.
+    other = tmp_path / "other"
+    other.mkdir()
+    flipped = json.loads(json.dumps(merged))
+    flipped["model"]["workdir"] = "other"
+    for row in flipped["results"]:
+        if "skipped" not in row:
+            row["metrics"]["mean_recall"] += 10.0 if row["group"] == "scene" else -10.0
+    (other / "suite.json").write_text(json.dumps(flipped))
+    comparison = scene_object_order.compare([str(output), str(other)])
+    assert comparison["order_by_group"]["scene"][0] == "other"
+    assert comparison["order_by_group"]["object"][-1] == "other"
+    assert comparison["kendall_tau"]["object vs scene"] == -1.0

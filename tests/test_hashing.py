@@ -155,10 +155,28 @@ def test_without_a_teacher_the_codes_keep_the_students_own_similarities():
     assert float(got) == pytest.approx(reference_hash_similarity(outputs, WEIGHTS, 0.4, teacher=False), rel=1e-5)
 
 
+@pytest.mark.parametrize("peer", [False, True], ids=["teacher", "joint_teaching"])
+def test_the_hash_distillation_term_is_the_distillation_kl_on_the_normalised_relaxed_codes(peer):
+    from tests.test_distill import TEMPERATURE, reference_distillation
+
+    outputs = outputs_with_codes(peer=peer)
+    got = _tower_loss(losses, hash_similarity=0.0, hash_distillation=1.0, distillation_temperature=TEMPERATURE)(
+        jax.tree.map(jnp.asarray, outputs))
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    expected = 0.0
+    for prefix in ("", "peer_") if peer else ("",):
+        as_student = {"image_embeddings": unit(np.tanh(outputs[f"{prefix}image_hash_logits"].astype(np.float64))),
+                      "text_embeddings": unit(np.tanh(outputs[f"{prefix}text_hash_logits"].astype(np.float64))),
+                      "teacher_image_embeddings": outputs["teacher_image_embeddings"],
+                      "teacher_text_embeddings": outputs["teacher_text_embeddings"]}
+        expected += reference_distillation(as_student, *WEIGHTS)
+    assert float(got) == pytest.approx(expected, rel=1e-5)
+
+
 @pytest.mark.parametrize("devices", [1, 2, 4, 8])
 def test_sharded_hashing_terms_equal_one_device(devices):
     outputs = jax.tree.map(jnp.asarray, outputs_with_codes(seed=3))
-    terms = {"hash_quantization": 0.1, "distillation": 0.5}
+    terms = {"hash_quantization": 0.1, "distillation": 0.5, "hash_distillation": 0.3}
     reference = jax.jit(jax.value_and_grad(_tower_loss(losses, **terms)))(outputs)
     mesh = parallel.make_mesh(devices)
     shardings = jax.tree.map(lambda x: parallel.batch_sharding(mesh) if x.ndim else parallel.replicated(mesh),

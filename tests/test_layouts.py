@@ -46,7 +46,7 @@ def assert_user_error(error: pytest.ExceptionInfo, *needles: str) -> None:
         assert needle in message, message
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", layout_fixtures.MAKERS)  # labelled layouts: test_labelled_layouts.py
 def test_every_layout_reads_back_what_its_fixture_wrote(tmp_path, layout):
     fixture = layout_fixtures.MAKERS[layout](tmp_path)
     records = read(fixture)

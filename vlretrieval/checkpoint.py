@@ -260,6 +260,9 @@ def load_params(path: str, params_template: Any) -> Any:
         saved_params, _ = read_saved_params(path)
     except UserError as error:
         raise UserError(f"--init_from {error}") from None
+    distilled = isinstance(saved_params, dict) and {"student", "teacher"} <= set(saved_params)
+    if distilled and "student" not in params_template:
+        saved_params = saved_params["student"]  # a run distilled from a teacher: its student's parameters
     # A run trained with the other stack layout (scan_layers) loads all the same.
     saved_params = layout.to_layout(saved_params, scanned=bool(layout.is_scanned(params_template)))
     saved_leaves = traverse_util.flatten_dict(saved_params, sep="/")

@@ -1,4 +1,4 @@
-"""`vlretrieval <command>`: prepare-data, train, eval, demo, index, search, convert.
+"""`vlretrieval <command>`: prepare-data, train, eval, demo, index, search, continual, benchmark, convert.
 
 Every command takes `--config FILE[:ARG]` and any number of `--config.key=value` overrides.
 Bad input (an unknown config key, a missing file, an unwritable workdir, a diverged loss) ends with
@@ -129,6 +129,12 @@ def _parser() -> argparse.ArgumentParser:
     _add_search_arguments(_with_checkpoint_choice(_with_hosts(_command(
         commands, "search", "Embed text queries with the latest checkpoint in --workdir and print "
         "each one's top k items of a saved index, one JSON line per query."))))
+    continual_command = _with_hosts(_with_init_from(_command(
+        commands, "continual", "Train a sequence of tasks one after another (each from the previous one's "
+        "parameters), index each task's test gallery when it is learnt, and write the recall matrix "
+        "[task trained x task evaluated] and forgetting, re-indexing and keeping the saved indexes "
+        "(continual.json, .md, .png).")))
+    continual_command.add_argument("--tasks", required=True, help="the tasks file (JSON: docs/continual.md)")
     benchmark_command = _with_checkpoint_choice(_with_hosts(_command(
         commands, "benchmark", "Evaluate the checkpoint in --workdir over a suite of datasets and tasks "
         "(retrieval, zero-shot classification) and write one JSON per dataset, language and task, a CSV, "
@@ -203,6 +209,10 @@ def run(argv: list[str]) -> int:
     check_config(config)  # every command: bad settings fail before any data is built or file written
     if args.command == "search" and args.k < 1:
         raise UserError(f"--k is {args.k}; it must be 1 or more")
+    if args.command == "continual":  # a bad tasks file fails before JAX starts
+        from vlretrieval.continual.protocol import read_tasks
+
+        tasks = read_tasks(args.tasks, config)
     if args.command == "prepare-data":
         from vlretrieval.data import datasets
 
@@ -243,6 +253,18 @@ def run(argv: list[str]) -> int:
         if args.command == "demo":
             log.info(f"\nresults: {os.path.join(args.workdir, 'results.json')}; "
                   f"wall time {results['wall_seconds']:.0f} s")
+        return 0
+    if args.command == "continual":
+        from vlretrieval.continual import results as continual_results
+        from vlretrieval.continual.runner import run_continual
+
+        try:
+            summary = run_continual(config, args.workdir, tasks, progress=progress)
+        except Preempted:
+            hosts.finish()
+            raise
+        hosts.finish()
+        log.info(continual_results.headline(summary, args.workdir))
         return 0
     if args.command == "eval":
         results = checkpoints.evaluate_checkpoint(config, args.workdir)

@@ -17,6 +17,8 @@ from typing import Any
 
 import ml_collections
 
+from vlretrieval.continual.mitigations import MITIGATIONS
+from vlretrieval.data.labels import LABEL_SOURCES
 from vlretrieval.errors import UserError
 from vlretrieval.evaluation.codes import check_code_bits
 from vlretrieval.evaluation.evaluate import MODES
@@ -26,6 +28,7 @@ from vlretrieval.late_interaction import AGGREGATIONS
 from vlretrieval.models.factory import MODEL_KINDS
 from vlretrieval.models.joint import IMAGE_INPUTS
 from vlretrieval.models.transformer import ATTENTION_IMPLEMENTATIONS, COMPUTE_DTYPES
+from vlretrieval.topics import STOP_WORDS
 
 
 def _is_integer(value: Any) -> bool:
@@ -121,6 +124,11 @@ def hash_bits(value) -> str | None:
     return None
 
 
+def num_topics(value) -> str | None:
+    """0 (no topic head) or 2 topics or more (one topic is no distribution)."""
+    return None if _is_integer(value) and (value == 0 or value >= 2) else "0 (no topic head) or an integer, 2 or more"
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
     key: str  # dotted path under config
@@ -142,12 +150,14 @@ RULES = (
     Rule("data.num_regions", integer(1)),
     Rule("data.region_feature_dim", integer(1)),
     Rule("data.captions_per_image", integer(1)),
+    Rule("data.labels", choice(*LABEL_SOURCES)),
     Rule("model.kind", choice(*MODEL_KINDS)),
     Rule("model.dtype", choice(*COMPUTE_DTYPES)),
     Rule("model.attention", choice(*ATTENTION_IMPLEMENTATIONS)),
     Rule("model.image_size", integer(1)),
     Rule("model.patch_size", integer(1)),
     Rule("model.head.hash_bits", hash_bits),
+    Rule("model.head.num_topics", num_topics),
     Rule("train.batch_size", integer(1)),
     Rule("train.num_steps", integer(1)),
     Rule("train.log_every", integer(1)),
@@ -179,6 +189,8 @@ RULES = (
     Rule("objectives.joint_teaching_refinement", number(minimum=0, maximum=1)),
     Rule("model.image_input", choice(*IMAGE_INPUTS)),
     Rule("bitext.batch_size", integer(1)),
+    Rule("continual.mitigation", choice(*MITIGATIONS)),
+    Rule("continual.distillation_weight", number(above=0)),
     Rule("eval.split", non_empty_text),
     Rule("eval.batch_size", integer(1)),
     Rule("eval.recall_at", integers(1)),
@@ -193,6 +205,13 @@ RULES = (
     Rule("eval.late_interaction_aggregation", choice(*AGGREGATIONS)),
     Rule("eval.score_dtype", choice(*SCORE_DTYPES)),
     Rule("eval.ties", choice(*TIES)),
+    Rule("topics.max_iter", integer(1)),
+    Rule("topics.min_df", integer(1)),
+    Rule("topics.max_df", number(above=0, maximum=1)),
+    Rule("topics.max_features", integer(0)),
+    Rule("topics.stop_words", choice(*STOP_WORDS)),
+    Rule("topics.doc_topic_prior", number(minimum=0)),
+    Rule("topics.topic_word_prior", number(minimum=0)),
 )
 
 
@@ -261,6 +280,20 @@ def _region_keys(config: ml_collections.ConfigDict) -> None:
                             f"(data.name is {name!r}): leave it at {default}")
 
 
+def _topics(config: ml_collections.ConfigDict) -> None:
+    """Topic space needs a topic head; the LDA is fitted on a prepared train split's captions."""
+    _, mode = _lookup(config, "eval.mode")
+    _, topics = _lookup(config, "model.head.num_topics")
+    if mode == "topics" and not topics:
+        raise UserError("config.eval.mode=topics ranks by the image tower's predicted topics: set "
+                        "config.model.head.num_topics (the run's LDA topics)")
+    _, weight = _lookup(config, "objectives.topic_prediction")
+    _, name = _lookup(config, "data.name")
+    if _is_number(weight) and weight > 0 and name == "webdataset":
+        raise UserError("config.objectives.topic_prediction fits its LDA on a prepared train split's captions; "
+                        "webdataset shards are streamed: train it on a prepared dataset")
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Raises one `UserError` line for the first setting no command could run with."""
     for rule in RULES:
@@ -276,3 +309,4 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     _bitext(config)
     _webdataset(config)
     _region_keys(config)
+    _topics(config)

@@ -16,8 +16,9 @@ import optax
 
 from vlretrieval import late_interaction
 
-# The teacher and hashing terms' full-batch losses (structure_losses.py), part of this module's
-# `TowerLosses`.
+# The label-supervised (IDCMR) terms' full-batch losses (label_losses.py) and the teacher and
+# hashing terms' (structure_losses.py), part of this module's `TowerLosses`.
+from vlretrieval.label_losses import label_inter_modal_loss, label_intra_modal_loss  # noqa: F401
 from vlretrieval.structure_losses import hash_similarity_loss, similarity_distillation_loss  # noqa: F401
 
 
@@ -166,6 +167,12 @@ class TowerLosses(typing.Protocol):
         peer_text_codes=None, refinement=0.0, image_text=1.0, image_image=1.0, text_text=1.0,
     ) -> jax.Array: ...
 
+    def label_intra_modal_loss(self, image_embeddings, text_embeddings, labels, scale) -> jax.Array: ...
+
+    def label_inter_modal_loss(
+        self, image_embeddings, text_embeddings, labels, scale, modality_invariance=1.0,
+    ) -> jax.Array: ...
+
 
 # The full-batch `TowerLosses`: every device's embeddings in one array.
 
@@ -276,3 +283,9 @@ def masked_region_class_loss(
     per_region = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe)
     accuracy = ((jnp.argmax(logits, axis=-1) == safe) * weights).sum() / count
     return (per_region * weights).sum() / count, accuracy
+
+
+def topic_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """TextTopicNet: the mean over the batch of the soft cross-entropy -sum_k t_k log softmax(z)_k
+    between predicted topic logits z and target distributions t (rows summing to 1), in float32."""
+    return jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), targets.astype(jnp.float32)))

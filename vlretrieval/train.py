@@ -18,7 +18,7 @@ import optax
 from tqdm import tqdm
 
 from vlretrieval import config as config_lib
-from vlretrieval import distillation, objectives, parallel, preemption, throughput
+from vlretrieval import distillation, objectives, parallel, preemption, throughput, topics
 from vlretrieval.accumulate import accumulated_value_and_grad
 from vlretrieval.checkpoint import Checkpointer, has_checkpoint
 from vlretrieval.collapse import CollapseWatch
@@ -33,6 +33,7 @@ from vlretrieval.files import check_writable
 from vlretrieval.models import build_model
 from vlretrieval.models.factory import image_shape, parameter_count
 from vlretrieval.negatives import TextNegativeComposer
+from vlretrieval.objectives import label_terms
 from vlretrieval.run_log import MetricsWriter, batch_record
 from vlretrieval.state import TrainState, check_fine_tuning, create_train_state, make_optimizer
 
@@ -128,6 +129,9 @@ def _checked_run(config: ml_collections.ConfigDict, workdir: str) -> _Run:
     build_model(config.model, vocab_size=1)  # a bad model option fails before data is prepared
     data = datasets.open_dataset(config.data, seed=config.seed)  # bad data fails before any write
     data.split(config.eval.split)  # an evaluation split the dataset lacks fails now, not after training
+    # Label terms and label metrics on data without category labels fail now, not after training.
+    label_terms.check_label_data(config.objectives, data)
+    checkpoints.check_label_metrics(config, data)
     if data.shards is not None:  # too few shards for the hosts fails now
         shards.epoch_shards(list(data.shards.paths), config.seed, 0, jax.process_index(), jax.process_count())
     mesh = parallel.make_mesh(config.train.num_devices or None)
@@ -216,7 +220,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
         out_shardings=(state_shardings, parallel.replicated(mesh)),
         donate_argnums=0,
     )
-    batches = _training_batches(config, run.data, run.translations)
+    batches = _training_batches(config, run.data, run.translations, workdir)
     if start_step:
         # Checkpoints written before the pipeline state was saved: batch = step, so the step is
         # the position.
@@ -317,7 +321,7 @@ def _skipped_records(data, batches) -> str | None:
     return None if data.bad_records is None else f"preparation {summary(data.bad_records)}"
 
 
-def _image_text_batches(config: ml_collections.ConfigDict, data):
+def _image_text_batches(config: ml_collections.ConfigDict, data, workdir: str):
     """This host's image-text batches: streamed from webdataset shards, or a prepared split's."""
     options = pipeline.BatchOptions(
         local_batch_size=parallel.local_batch_size(config.train.batch_size),
@@ -333,13 +337,27 @@ def _image_text_batches(config: ml_collections.ConfigDict, data):
     text_negatives = None
     if config.objectives.composed_text_negatives:
         text_negatives = TextNegativeComposer(data.content_words, config.objectives.text_swap_fraction)
-    return pipeline.training_dataset(data.split("train"), data.tokenizer, options, text_negatives)
+    return pipeline.training_dataset(data.split("train"), data.tokenizer, options, text_negatives,
+                                     record_fields(config, data, workdir))
 
 
-def _training_batches(config: ml_collections.ConfigDict, data, translations):
+def record_fields(config: ml_collections.ConfigDict, data, workdir: str) -> dict[str, Any]:
+    """Per-record arrays the training batches carry beside the pixels and tokens: the category
+    labels of labelled data (label-supervised terms read `batch["labels"]`), and with
+    `objectives.topic_prediction` the LDA topic distribution of each record's texts (the run's
+    topic model, fitted into `workdir` or reused from it: `topics.py`)."""
+    fields = {}
+    if data.categories is not None:
+        fields["labels"] = data.labels("train", "training")
+    if config.objectives.get("topic_prediction", 0) > 0:
+        fields["topic_targets"] = topics.training_targets(config, data, workdir)
+    return fields
+
+
+def _training_batches(config: ml_collections.ConfigDict, data, translations, workdir: str):
     """This host's batches: image-text pairs, and with the text-text task a batch of translation
     pairs beside them; one state for both (saved in each checkpoint)."""
-    image_text = _image_text_batches(config, data)
+    image_text = _image_text_batches(config, data, workdir)
     if translations is None:
         return pipeline.TrainingBatches({"image_text": image_text})
     sources, weights = translations

@@ -18,7 +18,8 @@ from typing import Any
 import ml_collections
 import tensorflow_datasets as tfds
 
-from vlretrieval.data import shard_index
+from vlretrieval.data import labels as label_lib
+from vlretrieval.data import shard_index, subsets
 from vlretrieval.data import shards as shard_files
 from vlretrieval.data.builders import (
     building,
@@ -50,7 +51,14 @@ class RetrievalData:
     bad_records: dict[str, Any] | None = None
     # data.name = webdataset: the training shards (the builder is then the evaluation dataset).
     shards: shard_files.ShardSource | None = None
+    # Category names when the records have labels (their own, or `data.labels` of the demo), else None.
+    categories: tuple[str, ...] | None = None
+    label_source: str = ""  # config.data.labels
+    # config.data.subset: split -> the positions of its records this run reads (`subsets.py`).
+    subset: dict[str, tuple[int, ...]] | None = None
+    subset_file: str = ""
     _sources: dict[str, Any] | None = None
+    _labels: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def training_examples(self) -> int | None:
         """Usable training examples per epoch: the train split's, or the shard index's count
@@ -68,7 +76,15 @@ class RetrievalData:
                 f"split {name!r} is not in the dataset at {self.directory}; "
                 f"it has {sorted(self._sources)}"
             )
-        return self._sources[name]
+        return subsets.view(self._sources[name], (self.subset or {}).get(name), name, self.subset_file)
+
+    def labels(self, split: str, needed_by: str) -> Any:
+        """[records, categories] multi-hot labels of a split (`labels.py`); refuses, naming
+        `needed_by`, when the dataset has no labels."""
+        label_lib.require_labels(self.categories, self.directory, needed_by)
+        if split not in self._labels:
+            self._labels[split] = label_lib.split_labels(self.split(split), self.label_source, len(self.categories))
+        return self._labels[split]
 
 
 def _demo_config(config: ml_collections.ConfigDict, seed: int) -> demo_scenes.DemoScenesConfig:
@@ -160,6 +176,9 @@ def open_dataset(config: ml_collections.ConfigDict, seed: int, *, training: bool
         builder=builder, tokenizer=tokenizer, directory=directory,
         content_words=captions.WORD_FORMS if is_demo else None,
         bad_records=None if shards else image_captions.read_bad_records(builder), shards=shards,
+        categories=label_lib.dataset_categories(builder, config.labels, directory), label_source=config.labels,
+        subset=subsets.read_subset(config.get("subset", ""), streaming=shards is not None),
+        subset_file=config.get("subset", ""),
     )
 
 
@@ -172,6 +191,7 @@ def _layout_config(config: ml_collections.ConfigDict) -> image_captions.ImageCap
             options["annotation"] = config.annotation
     if config.name == "jsonl":
         options["language"] = config.caption_language
+    options.update(layouts.parse_layout_options(config.name, config.layout_options))
     return image_captions.builder_config(
         config.name, config.manual_dir, config.images_dir, options, config.on_bad_record
     )

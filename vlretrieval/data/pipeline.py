@@ -48,15 +48,18 @@ def _pick_caption(languages: Sequence[str], text_negatives=None):
     return pick
 
 
-def _tokenize_batch(tokenizer: TextTokenizer, max_length: int):
+def _tokenize_batch(tokenizer: TextTokenizer, max_length: int, record_fields: dict[str, np.ndarray] | None = None):
     def tokenize(batch: dict[str, Any]) -> dict[str, np.ndarray]:
         token_ids, text_mask = tokenizer.encode(list(batch["caption"]), max_length)
+        index = np.asarray(batch["index"], np.int32)
         tokenized = {
             "images": normalize_images(batch["image"]),
-            "index": np.asarray(batch["index"], np.int32),
+            "index": index,
             "token_ids": token_ids,
             "text_mask": text_mask,
         }
+        # Per-record arrays (category labels, topic targets): row `index` of each table.
+        tokenized.update({name: table[index] for name, table in (record_fields or {}).items()})
         if "negative_caption" in batch:
             negative_ids, negative_mask = tokenizer.encode(list(batch["negative_caption"]), max_length)
             tokenized.update(
@@ -86,6 +89,7 @@ class BatchOptions:
 
 def training_dataset(
     source: Sequence[dict[str, Any]], tokenizer: TextTokenizer, options: BatchOptions, text_negatives=None,
+    record_fields: dict[str, np.ndarray] | None = None,
 ) -> grain.MapDataset:
     """An endless, per-epoch reshuffled MapDataset of this host's batches; index = step.
 
@@ -94,7 +98,8 @@ def training_dataset(
     examples, and this host's batch the `process_index`-th slice of it. So every host reads
     disjoint examples, the hosts together read each example once per epoch, and a run on 2 hosts
     sees the same global batches (and crops) as on 1. Batches hold `index`, each example's
-    position in the split (not used by the model; it shows which records a host read)."""
+    position in the split (not used by the model; it shows which records a host read), and row
+    `index` of each of `record_fields` (name -> [len(source), ...] array, e.g. category labels)."""
     seed = options.seed
     return _host_batches(
         indexed(source)
@@ -103,13 +108,16 @@ def training_dataset(
         .random_map(_pick_caption(tuple(options.languages), text_negatives), seed=seed + 1)
         .random_map(_training_image(options.image_size, options.crop_scale), seed=seed + 3),
         options.local_batch_size, options.process_index, options.process_count,
-    ).map(_tokenize_batch(tokenizer, options.max_text_length))
+    ).map(_tokenize_batch(tokenizer, options.max_text_length, record_fields))
 
 
 def indexed(source: Sequence[dict[str, Any]]) -> grain.MapDataset:
-    """The records of `source`, each with its `index` in it."""
+    """The records of `source`, each with its `index` (position) in it. Downstream of `repeat`,
+    grain hands this map the index of the repeated dataset (epoch x length + position): it is
+    taken modulo the length, so every epoch's record has its own position."""
+    length = len(source)
     return grain.MapDataset.source(source).map_with_index(
-        lambda index, record: {**record, "index": index}
+        lambda index, record: {**record, "index": index % length}
     )
 
 

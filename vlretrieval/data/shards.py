@@ -223,7 +223,10 @@ def read_shard(
                     continue
                 member_key, extension = _split_name(member.name)
                 if member_key != key:
-                    if position >= skip and (sample := _sample(key, members, path, caption_fields, txt_language, bad, position)):
+                    sample = None
+                    if position >= skip:
+                        sample = _sample(key, members, path, caption_fields, txt_language, bad, position)
+                    if sample:
                         yield sample
                     key, members, position = member_key, {}, position + 1
                 if position >= skip:  # the members of skipped keys are passed over, not read

@@ -14,13 +14,14 @@ import jax
 import ml_collections
 
 from vlretrieval import config as config_lib
-from vlretrieval import distillation, parallel
+from vlretrieval import distillation, parallel, topics
 from vlretrieval.checkpoint import Checkpointer, load_params
 from vlretrieval.data import datasets, pipeline
 from vlretrieval.errors import UserError
 from vlretrieval.evaluation import codes, metrics, report
 from vlretrieval.evaluation import index as index_file
 from vlretrieval.evaluation.evaluate import LATE_INTERACTION_MODES, evaluate_split, write_results
+from vlretrieval.evaluation.label_metrics import LABEL_METRICS
 from vlretrieval.files import check_writable
 from vlretrieval.models import build_model, image_shape
 from vlretrieval.state import create_train_state, make_optimizer
@@ -29,15 +30,28 @@ log = logging.getLogger(__name__)
 
 
 def evaluation_split(config: ml_collections.ConfigDict, data) -> dict[str, Any]:
-    """`config.eval.split` loaded in the evaluated languages (its first `eval.max_images`). In
+    """`config.eval.split` loaded in the evaluated languages (its first `eval.max_images`), with
+    its images' category labels when the dataset has them. In
     towers and late-interaction modes each host decodes only the images it embeds; joint and rerank
     score pairs with any image, so there every host loads them all."""
-    per_host = config.eval.mode in ("towers", *LATE_INTERACTION_MODES)  # images only embedded
+    per_host = config.eval.mode in ("towers", "topics", *LATE_INTERACTION_MODES)  # images only embedded
     share = (jax.process_index(), jax.process_count()) if per_host else (0, 1)
-    return pipeline.load_split(
+    split = pipeline.load_split(
         data.split(config.eval.split), config.data.languages, config.model.image_size,
         max_images=config.eval.max_images, process_index=share[0], process_count=share[1],
     )
+    if data.categories is not None:  # multi-hot [images, categories]: label-based metrics read them
+        split["labels"] = data.labels(config.eval.split, "evaluation")[: len(split["images"])]
+        split["categories"] = data.categories
+    return split
+
+
+def check_label_metrics(config: ml_collections.ConfigDict, data) -> None:
+    """One line when `config.eval.metrics` asks for label metrics of a dataset without category
+    labels (`data.labels` refuses): called before any model work (train, eval)."""
+    asked = [name for name in config.eval.metrics if name in LABEL_METRICS]
+    if asked:
+        data.labels(config.eval.split, f"config.eval.metrics={asked[0]}")
 
 
 def towers_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -55,13 +69,16 @@ def towers_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
     )
 
 
-def restore_for_evaluation(config: ml_collections.ConfigDict, workdir: str):
+def restore_for_evaluation(config: ml_collections.ConfigDict, workdir: str, *, scoring: bool = False):
     """(model, params, data, step) of the checkpoint in `workdir` that `config.eval.step` names
     (0: the latest; an unreadable latest one only gives way to an older one with
-    `config.eval.fallback`), built from `config`.
+    `config.eval.fallback`), built from `config`. `scoring` (the metrics will be computed): label
+    metrics asked of a dataset without labels are refused before the checkpoint is read.
     Prints `config_lib.evaluated_config_note` where the config's data or model settings differ
     from the checkpoint's."""
     data = datasets.open_dataset(config.data, seed=config.seed, training=False)
+    if scoring:
+        check_label_metrics(config, data)
     vocab_size = data.tokenizer.vocab_size
     model = build_model(config.model, vocab_size)
     datasets.check_image_input(data, config.eval.split, image_shape(model), model.image_input)
@@ -89,8 +106,13 @@ def evaluate_checkpoint(
     """Evaluate `params` at `step` (or the checkpoint in `workdir` that `config.eval` names) on
     `config.eval.split`; results.json records the step and the model config's hash."""
     check_writable(workdir, "workdir", directory=True)  # results go there: fail before the work
+    text_topics = None
+    if config.eval.mode == "topics":  # the captions' topics: the run's own LDA (`topics.py`)
+        if config.eval.index:
+            raise UserError(f"config.eval.index {config.eval.index} holds tower embeddings: evaluate it in towers mode")
+        text_topics = topics.load_for_head(workdir, config.model.head.num_topics).distributions
     if model is None:
-        model, params, data, step = restore_for_evaluation(config, workdir)
+        model, params, data, step = restore_for_evaluation(config, workdir, scoring=True)
     joint_params = None
     if config.eval.joint_from and config.eval.mode != "towers":
         joint_params = load_params(config.eval.joint_from, params)
@@ -124,6 +146,7 @@ def evaluate_checkpoint(
             saved_index, config.eval.index, len(split["images"])),
         check_queries=None if saved_index is None or code_options else index_file.query_checker(
             saved_index, config.eval.index),
+        text_topics=text_topics,
         **{**towers_options(config), **code_options},
     )
     results["split"] = config.eval.split

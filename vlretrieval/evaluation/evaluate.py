@@ -73,18 +73,21 @@ def embed_in_batches(
     return result
 
 
-MODES = ("towers", "joint", "rerank", "late_interaction", "late_interaction_rerank")
+MODES = ("towers", "joint", "rerank", "late_interaction", "late_interaction_rerank", "topics")
 LATE_INTERACTION_MODES = ("late_interaction", "late_interaction_rerank")
 
 
 def subset(split: dict[str, Any], max_images: int) -> dict[str, Any]:
-    """The first `max_images` images of a loaded split and their captions (0 = all)."""
+    """The first `max_images` images of a loaded split, their captions and labels (0 = all)."""
     if not max_images or max_images >= len(split["images"]):
         return split
-    return {
+    kept = {
         "images": split["images"][:max_images],
         "captions": {lang: c[:max_images] for lang, c in split["captions"].items()},
     }
+    if "labels" in split:
+        kept.update(labels=split["labels"][:max_images], categories=split["categories"])
+    return kept
 
 
 def encoders(model, params) -> tuple[Callable, Callable]:
@@ -93,6 +96,13 @@ def encoders(model, params) -> tuple[Callable, Callable]:
     encode_image = jax.jit(lambda p, images: model.apply({"params": p}, images, method=model.encode_image))
     encode_text = jax.jit(lambda p, ids, mask: model.apply({"params": p}, ids, mask, method=model.encode_text))
     return (lambda images: encode_image(params, images)), (lambda ids, mask: encode_text(params, ids, mask))
+
+
+def topic_image_encoder(model, params) -> Callable:
+    """images -> the square root of the topic head's predicted distribution: the inner product of
+    two such vectors is the Bhattacharyya coefficient sum_k sqrt(p_k q_k) of their distributions."""
+    encode = jax.jit(lambda p, images: jnp.sqrt(model.apply({"params": p}, images, method=model.encode_image_topics)))
+    return lambda images: encode(params, images)
 
 
 def evaluate_split(
@@ -118,6 +128,7 @@ def evaluate_split(
     ndcg_at: Sequence[int] = (25,),
     aggregation: str = "max_mean",
     text_codes: Callable | None = None,
+    text_topics: Callable[[Sequence[str]], np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Per-language and average retrieval metrics on a split loaded by `pipeline.load_split`.
 
@@ -129,18 +140,26 @@ def evaluate_split(
     joint log-odds + weight x tower cosine (score fusion) instead of the joint score alone.
     `late_interaction` scores every pair by TERAN's word x region late interaction (`aggregation`),
     `late_interaction_rerank` only each query's tower shortlist (`late_scores.py`).
-    `metrics` picks the towers-mode metrics (`metrics.METRICS`); `ties` is the tie policy of every
+    `metrics` picks the towers-mode metrics (`metrics.METRICS`, and the label metrics of
+    `label_metrics.py`, on `split["labels"]`); `ties` is the tie policy of every
     mode's ranks (`metrics.TIES`, recorded in the results); `image_embeddings` (e.g. from a
     saved index) replace embedding the images, and `check_queries` may refuse the text
     embeddings that cannot be compared with them; `search_options` go to `search.ranks`.
     `text_codes` (`codes.model_code_encoders`' text encoder), with `image_embeddings` a code
     index's packed codes: the captions are encoded to codes and ranked by Hamming distance.
+    `topics` (TextTopicNet, docs/topics.md) ranks in topic space: the image tower's predicted topic
+    distribution against `text_topics(captions)` (the run's LDA, `topics.TopicModel.distributions`)
+    by the Bhattacharyya coefficient, with the towers' metrics.
     """
     if mode not in MODES:
         raise ValueError(f"unknown evaluation mode {mode!r}; choose one of {MODES}")
     check_ties(ties)
     params = parallel.replicate(params, mesh)
     encode_image, encode_text = encoders(model, params)
+    if mode == "topics":
+        if text_topics is None:
+            raise ValueError("evaluation mode topics needs text_topics: the run's topic model's distributions")
+        encode_image = topic_image_encoder(model, params)
     images = NormalizedImages(split["images"])  # array or this host's share (`pipeline.HostImages`)
     image_owners = np.arange(len(images))
     if image_embeddings is None:
@@ -151,7 +170,7 @@ def evaluate_split(
     if mode in LATE_INTERACTION_MODES:
         encode_regions, encode_words = late_scores.sequence_encoders(model, params)
         region_states = embed_in_batches(encode_regions, [images], batch_size, mesh)
-    elif mode != "towers":
+    elif mode not in ("towers", "topics"):
         scorer = rerank.make_pair_scorer(
             model, params if joint_params is None else joint_params, mesh, pair_batch_size
         )
@@ -160,15 +179,18 @@ def evaluate_split(
         texts = [caption for captions in captions_per_image for caption in captions]
         owners = np.repeat(np.arange(len(captions_per_image)), [len(c) for c in captions_per_image])
         token_ids, text_mask = tokenizer.encode(texts, max_text_length)
-        text_embeddings = embed_in_batches(text_codes or encode_text, [token_ids, text_mask], batch_size, mesh)
+        if mode == "topics":
+            text_embeddings = np.sqrt(text_topics(texts))
+        else:
+            text_embeddings = embed_in_batches(text_codes or encode_text, [token_ids, text_mask], batch_size, mesh)
         if text_codes is not None:
             text_embeddings = codes.pack_codes(text_embeddings)
         if check_queries is not None:
             check_queries(text_embeddings)
-        if mode == "towers":
+        if mode in ("towers", "topics"):
             per_language[language] = bidirectional_metrics(
                 image_embeddings, text_embeddings, owners, recall_at, metrics, ties, captions=texts,
-                ndcg_at=ndcg_at, **(search_options or {})
+                ndcg_at=ndcg_at, image_labels=split.get("labels"), **(search_options or {})
             )
             continue
         if mode in LATE_INTERACTION_MODES:

@@ -17,7 +17,10 @@ Metric names (config `eval.metrics`), every R@K and rank under the tie policy:
 - `map`, `map_at_r`: mAP and mAP@R (Musgrave et al. 2020) with the owner as the label, both ways
   (any labels through `average_precision`); ties are ordered by gallery index whatever `ties`;
 - `hamming`: R@K and mAP on binary codes (the sign of each coordinate) by Hamming distance: integer
-  scores, so many ties (R@K under the tie policy, mAP ties by gallery index).
+  scores, so many ties (R@K under the tie policy, mAP ties by gallery index);
+- `label_map`, `label_map_at_r` (`LABEL_METRICS`, they need the images' category labels): mAP and
+  mAP@R where relevance is a shared category, image <-> text and image -> image, text -> text
+  (`label_metrics.py`; ties by gallery index).
 """
 
 from __future__ import annotations
@@ -31,18 +34,21 @@ import numpy as np
 
 from vlretrieval.errors import UserError
 from vlretrieval.evaluation import search
+from vlretrieval.evaluation.label_metrics import LABEL_METRICS, label_metrics, ranked_precision
 
 DIRECTIONS = ("text_to_image", "image_to_text")
 METRICS = ("recall", "rank", "mean_recall", "paired_recall", "map", "map_at_r", "hamming", "ndcg")
+# LABEL_METRICS are metric names too; they need the images' category labels (`label_metrics.py`).
 DEFAULT_METRICS = ("recall", "rank", "mean_recall")
 TIES = search.TIES
 DEFAULT_TIES = "index"  # agrees with CLIP_benchmark's top-k
 
 
 def check_metrics(names: Sequence[str]) -> tuple[str, ...]:
-    unknown = [name for name in names if name not in METRICS]
+    unknown = [name for name in names if name not in METRICS + LABEL_METRICS]
     if unknown:
-        raise UserError(f"unknown metric {unknown[0]!r} in config.eval.metrics; choose from {METRICS}")
+        known = METRICS + LABEL_METRICS
+        raise UserError(f"unknown metric {unknown[0]!r} in config.eval.metrics; choose from {known}")
     return tuple(names)
 
 
@@ -100,18 +106,8 @@ def metrics_from_ranks(
 
 @jax.jit
 def _average_precision_chunk(queries, query_labels, gallery, gallery_labels):
-    scores = queries @ gallery.T
-    order = jnp.argsort(-scores, axis=1, stable=True)  # equal scores: lower gallery index first
-    relevant = gallery_labels[order] == query_labels[:, None]
-    hits = jnp.cumsum(relevant, axis=1)
-    position = jnp.arange(1, gallery.shape[0] + 1)
-    precision_at_hits = jnp.where(relevant, hits / position, 0.0)
-    total = hits[:, -1]
-    denominator = jnp.maximum(total, 1)
-    average = precision_at_hits.sum(axis=1) / denominator
-    # mAP@R: R = the query's number of positives; precision summed over the first R positions only.
-    at_r = jnp.where(position[None, :] <= total[:, None], precision_at_hits, 0.0).sum(axis=1) / denominator
-    return average, at_r, total
+    relevant = gallery_labels[None, :] == query_labels[:, None]
+    return ranked_precision(queries @ gallery.T, relevant)
 
 
 def average_precision(
@@ -174,11 +170,13 @@ def bidirectional_metrics(
     ties: str = DEFAULT_TIES,
     captions: Sequence[str] | None = None,
     ndcg_at: Sequence[int] = (25,),
+    image_labels: np.ndarray | None = None,
     **search_options,
 ) -> dict[str, Any]:
     """The selected metrics both ways for a gallery of images and captions; `text_owners[j]` is
     caption j's image; R@K and ranks under the tie policy `ties` (`TIES`). "ndcg" needs the
-    `captions` themselves (ROUGE-L relevance, `relevance.py`), at each K of `ndcg_at`.
+    `captions` themselves (ROUGE-L relevance, `relevance.py`), at each K of `ndcg_at`; the label
+    metrics the images' multi-hot `image_labels` (they add the image_to_image and text_to_text entries).
     `search_options` go to `search.rank_counts` (chunk sizes, score dtype, mesh)."""
     metrics, ties = check_metrics(metrics), check_ties(ties)
     text_owners = np.asarray(text_owners)
@@ -204,6 +202,13 @@ def bidirectional_metrics(
                 results[direction]["mAP"] = average
             if "map_at_r" in metrics:
                 results[direction]["mAP@R"] = at_r
+    if any(name in LABEL_METRICS for name in metrics):
+        if image_labels is None:
+            raise UserError(f"config.eval.metrics asks for {', '.join(n for n in metrics if n in LABEL_METRICS)}, "
+                            "which need the images' category labels, but the evaluated split has none")
+        for direction, values in label_metrics(image_embeddings, text_embeddings, text_owners, image_labels,
+                                               metrics).items():
+            results.setdefault(direction, {}).update(values)
     if "ndcg" in metrics:
         if captions is None:
             raise ValueError("the ndcg metric needs the captions (its relevance is ROUGE-L between them)")

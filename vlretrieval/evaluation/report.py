@@ -15,14 +15,16 @@ from typing import Any
 
 from vlretrieval.evaluation.metrics import DIRECTIONS
 
-ARROWS = {"text_to_image": "T→I", "image_to_text": "I→T"}
-ASCII_ARROWS = {"text_to_image": "T->I", "image_to_text": "I->T"}  # for terminals
+# The directions of a results entry, in column order: the intra-modal ones hold label metrics only.
+ARROWS = {"text_to_image": "T→I", "image_to_text": "I→T", "image_to_image": "I→I", "text_to_text": "T→T"}
+ASCII_ARROWS = {"text_to_image": "T->I", "image_to_text": "I->T", "image_to_image": "I->I",
+                "text_to_text": "T->T"}  # for terminals
 # (results section, column title prefix): the main metrics, paired-caption and Hamming ones.
 SECTIONS = ((None, ""), ("paired", "paired "), ("hamming", "Hamming "))
 
 
 # The terminal table's metrics beside R@K; results.md has every metric (ranks too).
-TERMINAL_METRICS = ("mAP", "mAP@R")
+TERMINAL_METRICS = ("mAP", "mAP@R", "label_mAP", "label_mAP@R")
 
 
 def table_columns(
@@ -40,7 +42,7 @@ def table_columns(
             continue
         base = () if section is None else (section,)
         for recalls in (True, False):
-            for direction in DIRECTIONS:
+            for direction in arrows:
                 for key in entry.get(direction, {}):
                     if key.startswith("R@") != recalls:
                         continue

@@ -9,6 +9,8 @@ A suite file is JSON: {"tasks": [TASK, ...]}, each TASK
    "templates": "configs/zero_shot/imagenet_templates.json"}
   (zero-shot datasets: "layout": "image_folder" with "root" and optional "classes", or "tfds" with
   "name" and "data_dir": a locally prepared tfds image-classification dataset).
+A task may name a "group" ("scene", "object", ...): the report then has a table per group with
+the group's mean (configs/suites/scene_object.json: the scene- vs object-centric comparison).
 
 The whole file is checked before any model work: an unknown task, key or layout, a duplicate
 name, a missing templates file, or a class list that does not match its image folder is one
@@ -40,7 +42,7 @@ from vlretrieval.evaluation.checkpoints import towers_options
 log = logging.getLogger(__name__)
 
 TASKS = ("retrieval", "zero_shot_classification")
-TASK_KEYS = {"name", "task", "split", "languages", "dataset", "templates"}
+TASK_KEYS = {"name", "task", "split", "languages", "dataset", "templates", "group"}
 ZERO_SHOT_LAYOUTS = {"image_folder": {"layout", "root", "classes"}, "tfds": {"layout", "name", "data_dir"}}
 
 
@@ -52,6 +54,7 @@ class Task:
     dataset: dict[str, Any]
     languages: tuple[str, ...] = ()
     templates: Any = None  # zero_shot.PromptTemplates
+    group: str = ""  # e.g. "scene" or "object": the report tabulates each group apart
 
     def dataset_key(self) -> str:
         """Tasks over the same dataset and split share one embedding of its images."""
@@ -95,7 +98,10 @@ def read_suite(path: str, data_config: ml_collections.ConfigDict) -> list[Task]:
         names.add(entry["name"])
         if not isinstance(entry["dataset"], dict):
             _fail(where, "'dataset' must be an object")
-        task = Task(entry["name"], entry["task"], str(entry["split"]), dict(entry["dataset"]))
+        group = entry.get("group", "")
+        if not isinstance(group, str):
+            _fail(where, "'group' must be a string (e.g. \"scene\" or \"object\")")
+        task = Task(entry["name"], entry["task"], str(entry["split"]), dict(entry["dataset"]), group=group)
         if task.task == "retrieval":
             _check_retrieval(task, entry, data_config, where)
         else:
@@ -181,6 +187,9 @@ def _retrieval(task: Task, config, model, params, tokenizer, embedder: _Embedder
         data.split(task.split), task.languages, config.model.image_size,
         process_index=jax.process_index(), process_count=jax.process_count(),
     )
+    if data.categories is not None:  # label metrics (config.eval.metrics) read them
+        split["labels"] = data.labels(task.split, f"suite task {task.name}")[: len(split["images"])]
+        split["categories"] = data.categories
     image_embeddings = embedder.images(task.dataset_key(), split["images"])
     results = evaluate.evaluate_split(
         model, params, split, tokenizer, mesh=mesh, image_embeddings=image_embeddings, **towers_options(config)
@@ -222,8 +231,9 @@ def run_suite(config: ml_collections.ConfigDict, tasks: list[Task], model, param
                 rows = _zero_shot(task, config, model, params, tokenizer, embedder, mesh)
         except UserError as missing:  # the data is not there: say why, go on with the rest
             log.warning(f"suite task {task.name}: skipped: {missing}")
-            outcomes.append({"name": task.name, "task": task.task, "split": task.split, "skipped": str(missing)})
+            outcomes.append({"name": task.name, "task": task.task, "split": task.split, "group": task.group,
+                             "skipped": str(missing)})
             continue
         for row in rows:
-            outcomes.append({"name": task.name, "task": task.task, "split": task.split, **row})
+            outcomes.append({"name": task.name, "task": task.task, "split": task.split, "group": task.group, **row})
     return {"results": outcomes, "image_passes": dict(embedder.passes)}

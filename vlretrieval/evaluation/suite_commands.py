@@ -8,6 +8,7 @@ import os
 import jax
 import ml_collections
 
+from vlretrieval.errors import UserError
 from vlretrieval.evaluation import index as index_file
 from vlretrieval.evaluation import suite, suite_report
 from vlretrieval.evaluation.checkpoints import restore_for_evaluation
@@ -15,6 +16,9 @@ from vlretrieval.files import check_writable
 
 
 def benchmark(config: ml_collections.ConfigDict, workdir: str, suite_path: str, output: str | None) -> str:
+    if config.eval.mode != "towers":  # a suite scores the towers' embeddings: another mode would be ignored
+        raise UserError(f"config.eval.mode is {config.eval.mode!r}, but `benchmark` scores the towers' embeddings "
+                        "only: leave it at towers (other modes: `vlretrieval eval`)")
     tasks = suite.read_suite(suite_path, config.data)  # the whole file, before any model work
     output = output or os.path.join(workdir, "benchmark")
     check_writable(output, "--output", directory=True)

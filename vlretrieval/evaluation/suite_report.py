@@ -70,7 +70,8 @@ def write_report(outcome: dict[str, Any], output: str, model: dict[str, Any]) ->
                             **model},
         }
         written.append(_write_json(os.path.join(output, _file_name(row)), record))
-    written.append(_write_json(os.path.join(output, "suite.json"), {**outcome, "model": model}))
+    written.append(_write_json(os.path.join(output, "suite.json"),
+                               {**outcome, "model": model, "group_means": group_means(rows)}))
     written.append(_write_csv(os.path.join(output, "results.csv"), outcome["results"]))
     written.append(_write_markdown(os.path.join(output, "results.md"), outcome["results"]))
     written.extend(_write_plots(output, rows))
@@ -123,12 +124,40 @@ def _write_markdown(path: str, results: list[dict]) -> str:
         lines += [f"| {row['name']} | " + " | ".join(f"{float(row['metrics'][k]):.1f}" for _, k in ZERO_SHOT_COLUMNS)
                   + " |" for row in zero_shot]
         lines.append("")
+    lines += _group_lines(retrieval)
     skipped = [row for row in results if "skipped" in row]
     if skipped:
         lines += ["## Skipped", ""] + [f"- {row['name']} ({row['task']}): {row['skipped']}" for row in skipped] + [""]
     with replaced_atomically(path) as temporary, open(temporary, "w") as handle:
         handle.write("\n".join(lines))
     return path
+
+
+def group_means(rows: list[dict]) -> dict[str, float]:
+    """Mean over a group's retrieval results (datasets x languages) of their mean recall."""
+    grouped: dict[str, list[float]] = {}
+    for row in rows:
+        if row["task"] == "retrieval" and row.get("group") and "skipped" not in row:
+            grouped.setdefault(row["group"], []).append(float(row["metrics"]["mean_recall"]))
+    return {group: sum(values) / len(values) for group, values in grouped.items()}
+
+
+def _group_lines(retrieval: list[dict]) -> list[str]:
+    """One table per task group (scene- vs object-centric), each closed by the group's mean."""
+    grouped = [row for row in retrieval if row.get("group")]
+    if not grouped:
+        return []
+    columns = _retrieval_columns(grouped)
+    lines = ["## By group", "", "| group | dataset | language | " + " | ".join(t for t, _ in columns) + " |",
+             "|---|---|---|" + "---:|" * len(columns)]
+    for group in dict.fromkeys(row["group"] for row in grouped):
+        members = [row for row in grouped if row["group"] == group]
+        for row in members:
+            lines.append(f"| {group} | {row['name']} | {row['language']} | "
+                         + " | ".join(f"{_value(row['metrics'], p):.1f}" for _, p in columns) + " |")
+        means = [sum(_value(row["metrics"], p) for row in members) / len(members) for _, p in columns]
+        lines.append(f"| **{group} mean** | | | " + " | ".join(f"**{value:.1f}**" for value in means) + " |")
+    return [*lines, ""]
 
 
 def _write_plots(output: str, rows: list[dict]) -> list[str]:

@@ -99,6 +99,9 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int):
             check_code_bits(head.hash_bits)
         except UserError as error:
             raise UserError(f"config.model.head.hash_bits: {error}") from None
+    topics = head.num_topics
+    if isinstance(topics, bool) or not isinstance(topics, int) or topics < 0 or topics == 1:
+        raise UserError(f"config.model.head.num_topics is {topics!r}; it must be 0 (no topic head) or 2 or more")
     image_input = _image_input(config, head)
     if config.kind == "decomposed":
         transformer = _transformer(config, "transformer", wide)

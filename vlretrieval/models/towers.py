@@ -6,8 +6,9 @@ Two models share that interface:
 - `DualEncoder` (CLIP/MURAL/SigLIP): an independent ViT and text transformer.
 Pooling (a token, a mean, SigLIP's attention-pooling head) lives in `pooling.py`.
 Both hold a learnable temperature (and, for the sigmoid loss, a learnable logit bias) and optionally
-a hashing head (`head.hash_bits`: K-bit codes per tower, docs/hashing.md); `__call__` returns what
-the objective terms need.
+a hashing head (`head.hash_bits`: K-bit codes per tower, docs/hashing.md) and a topic head
+(`head.num_topics`: TextTopicNet's LDA topics from the pooled image output, docs/topics.md);
+`__call__` returns what the objective terms need.
 """
 
 from __future__ import annotations
@@ -82,6 +83,9 @@ class TowerHead:
     # A hashing head: per tower a linear layer from the embedding to this many bits (0: none);
     # trained through tanh, read by sign (`encode_image_codes`, `encode_text_codes`).
     hash_bits: int = 0
+    # A topic head: a linear layer from the pooled image output (before the projection) to this
+    # many topic logits (0: none); `encode_image_topics` gives their softmax.
+    num_topics: int = 0
 
 
 class _RetrievalModel(nn.Module):
@@ -117,11 +121,12 @@ class _RetrievalModel(nn.Module):
         return sequence, l2_normalize(self.text_projection(self.pool_text(sequence, text_mask)))
 
     def _image_outputs(self, images, train):
-        """(sequence, mask of its real positions, embedding) of the image tower."""
+        """(sequence, mask of its real positions, pooled output, embedding) of the image tower."""
         sequence = self.image_sequence(images, train=train)
         mask = self.image_mask(images, sequence.shape[1])
         pooled = self.pool_image(sequence, train=train, mask=mask)
-        return sequence, mask, l2_normalize(self.image_projection(pooled) if self.head.image_projection else pooled)
+        embedding = l2_normalize(self.image_projection(pooled) if self.head.image_projection else pooled)
+        return sequence, mask, pooled, embedding
 
     def encode_text(
         self, token_ids: jax.Array, text_mask: jax.Array, *, train: bool = False
@@ -129,7 +134,14 @@ class _RetrievalModel(nn.Module):
         return self._text_outputs(token_ids, text_mask, train)[1]
 
     def encode_image(self, images: jax.Array, *, train: bool = False) -> jax.Array:
-        return self._image_outputs(images, train)[2]
+        return self._image_outputs(images, train)[3]
+
+    def encode_image_topics(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+        """[batch, num_topics] float32: the topic head's predicted topic distribution of the images."""
+        return jax.nn.softmax(self._topic_logits(self._image_outputs(images, train)[2]), axis=-1)
+
+    def _topic_logits(self, pooled: jax.Array) -> jax.Array:
+        return self.image_topics(pooled).astype(jnp.float32)
 
     def encode_image_codes(self, images: jax.Array, *, train: bool = False) -> jax.Array:
         """[batch, hash_bits] +-1 codes of the images: the sign of the hashing head's output (0 is
@@ -160,7 +172,7 @@ class _RetrievalModel(nn.Module):
         """TERAN's image side: every region's (or patch's) output through the image projection,
         L2-normalised, [batch, length, embed_dim], with a float mask of the real regions; the image
         or class token at position 0 is left out of the mask."""
-        sequence, mask, _ = self._image_outputs(images, train)
+        sequence, mask, _, _ = self._image_outputs(images, train)
         return self._region_states(sequence, mask)
 
     def make_heads(self):
@@ -176,6 +188,8 @@ class _RetrievalModel(nn.Module):
         if self.head.hash_bits:
             self.image_hash = nn.Dense(self.head.hash_bits)
             self.text_hash = nn.Dense(self.head.hash_bits)
+        if self.head.num_topics:
+            self.image_topics = nn.Dense(self.head.num_topics)
         self.logit_scale = LogitScale(
             self.head.initial_temperature, self.head.max_logit_scale, self.head.clip_logit_scale
         )
@@ -191,7 +205,7 @@ class _RetrievalModel(nn.Module):
         """The pooled embeddings and the logit scale (and bias); with `sequences`, also the word and
         region states late interaction scores (`token_embeddings`, `region_embeddings`), from the
         same tower passes."""
-        image_sequence, image_mask, image_embeddings = self._image_outputs(images, train)
+        image_sequence, image_mask, image_pooled, image_embeddings = self._image_outputs(images, train)
         text_sequence, text_embeddings = self._text_outputs(token_ids, text_mask, train)
         outputs = {
             "image_embeddings": image_embeddings,
@@ -206,6 +220,8 @@ class _RetrievalModel(nn.Module):
         if self.head.hash_bits:  # the hashing head's pre-tanh outputs, for the hashing terms
             outputs["image_hash_logits"] = self.image_hash(image_embeddings)
             outputs["text_hash_logits"] = self.text_hash(text_embeddings)
+        if self.head.num_topics:  # TextTopicNet's topic logits, for objectives.topic_prediction
+            outputs["image_topic_logits"] = self._topic_logits(image_pooled)
         return outputs
 
 

@@ -6,6 +6,8 @@ docs/hashing.md.
 - `distillation`: KL(teacher || student) between the row softmaxes at `distillation_temperature`
   of the image x text (both ways), image x image and text x text matrices over the global batch;
 - `hash_quantization`: mean (1 - |tanh(h)|)^2 over the hashing heads' outputs (the peer's too);
+- `hash_distillation`: `distillation`'s KL with the normalised relaxed codes as the student's
+  embeddings (the teacher's ranking structure, not its raw cosines);
 - `hash_similarity`: squared error between the relaxed codes' similarity b_i . b_j / K and the
   teacher's cosine similarity (no teacher: the student's own float embeddings'), the targets
   refined by the two students' agreement under joint teaching.
@@ -55,9 +57,15 @@ def check_distillation(config, setting) -> None:
                         "(a run folder or a folder written by `vlretrieval convert`)")
 
 
-def _codes(outputs, prefix: str = ""):
-    """The relaxed codes tanh(h) of both towers (a student's, or the peer's with prefix "peer_")."""
-    return tuple(jnp.tanh(outputs[f"{prefix}{tower}_hash_logits"]) for tower in ("image", "text"))
+def _codes(outputs, prefix: str = "", straight_through: bool = False):
+    """The relaxed codes tanh(h) of both towers (a student's, or the peer's with prefix "peer_").
+    `straight_through`: the codes inference uses, sign(h) (0 is +1), in the forward pass, with
+    tanh's gradient in the backward pass (straight-through, as Greedy Hash): the loss then scores
+    the very codes that are searched, with no relaxation gap."""
+    relaxed = tuple(jnp.tanh(outputs[f"{prefix}{tower}_hash_logits"]) for tower in ("image", "text"))
+    if not straight_through:
+        return relaxed
+    return tuple(code + jax.lax.stop_gradient(jnp.where(code >= 0, 1.0, -1.0) - code) for code in relaxed)
 
 
 def hash_quantization(inputs):
@@ -81,10 +89,28 @@ def hash_similarity(inputs):
     return value, {}
 
 
+def hash_distillation(inputs):
+    """`distillation` with the L2-normalised relaxed codes in the student's place (the peer's too,
+    under joint teaching): the codes' similarity structure matches the teacher's (or, with no
+    teacher, the student's own float embeddings', without gradient)."""
+    outputs, config = inputs.outputs, inputs.config
+    if "teacher_image_embeddings" in outputs or "teacher_text_embeddings" in outputs:
+        targets = outputs.get("teacher_image_embeddings"), outputs.get("teacher_text_embeddings")
+    else:
+        targets = tuple(jax.lax.stop_gradient(x) for x in inputs.embeddings)
+    normalise = lambda codes: codes / jnp.maximum(jnp.linalg.norm(codes, axis=-1, keepdims=True), 1e-6)
+    value = 0.0
+    for prefix in ("", "peer_") if "peer_image_hash_logits" in outputs else ("",):
+        image_codes, text_codes = (normalise(codes) for codes in _codes(outputs, prefix, config.hash_straight_through))
+        value += inputs.tower_losses.similarity_distillation_loss(
+            image_codes, text_codes, *targets, config.distillation_temperature, **_matrix_weights(config))
+    return value, {}
+
+
 def needs_hashing_head(name: str):
     def check(config, setting) -> None:
-        if name == "hash_similarity":
-            _check_matrices(config, config.hash_similarity > 0)
+        if name in ("hash_similarity", "hash_distillation"):
+            _check_matrices(config, config[name] > 0)
             if not 0 <= config.joint_teaching_refinement <= 1:
                 raise UserError(f"config.objectives.joint_teaching_refinement must be in [0, 1], not "
                                 f"{config.joint_teaching_refinement}")

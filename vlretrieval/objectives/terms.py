@@ -30,7 +30,17 @@ builds the objective from the table and `checks.py` runs every term's checks bef
   teacher's cosine similarity (without a teacher, the student's own float embeddings'), the same
   matrix weights; with config.distill.joint_teaching the targets are refined online by the two
   students' agreement (`structure_losses.refined_similarity`, `joint_teaching_refinement`;
-  docs/hashing.md). Their functions: `teacher_terms.py`.
+  docs/hashing.md);
+- `hash_distillation`: `distillation`'s KL with the L2-normalised relaxed codes tanh(h) in the
+  student's place: the codes learn the teacher's ranking structure (docs/hashing.md). Their
+  functions: `teacher_terms.py`;
+- `label_intra_modal` / `label_inter_modal` (IDCMR, our statement of DSCMR's losses; docs/labels.md):
+  on the batch's category labels, the pairwise NLL of "shares a category" under sigmoid(
+  `label_similarity_scale` x cosine) within each tower / across them, the latter plus
+  `modality_invariance` x mean ||u_i - v_i||^2. Their functions: `label_terms.py`;
+- `topic_prediction` (TextTopicNet, docs/topics.md): the soft cross-entropy between the topic
+  head's predicted distribution of each image and the LDA's topic distribution of its texts
+  (`batch["topic_targets"]`). Its functions: `topic_terms.py`.
 
 Tower terms run on the towers' outputs through a `losses.TowerLosses` (the whole batch in one
 array, or `parallel.CrossDeviceLosses` over a sharded batch); joint terms run their own joint pass.
@@ -51,7 +61,7 @@ import ml_collections
 from vlretrieval import late_interaction, losses, negatives
 from vlretrieval.errors import UserError
 from vlretrieval.models.regions import unpack_regions
-from vlretrieval.objectives import teacher_terms
+from vlretrieval.objectives import label_terms, teacher_terms, topic_terms
 
 CONTRASTIVE_LOSSES = ("softmax", "sigmoid")
 # Settings of the composed negatives, which are inputs of the image-text tower terms, not terms.
@@ -361,6 +371,14 @@ TERMS = (
     Term("hash_similarity", teacher_terms.hash_similarity, "towers",
          hyperparameters=(*teacher_terms.SIMILARITY_MATRICES, "joint_teaching_refinement"),
          check=teacher_terms.needs_hashing_head("hash_similarity")),
+    Term("hash_distillation", teacher_terms.hash_distillation, "towers",
+         hyperparameters=("distillation_temperature", *teacher_terms.SIMILARITY_MATRICES, "hash_straight_through"),
+         check=teacher_terms.needs_hashing_head("hash_distillation")),
+    Term("label_intra_modal", label_terms.label_intra_modal, "towers",
+         hyperparameters=("label_similarity_scale",), check=label_terms.check_label_settings),
+    Term("label_inter_modal", label_terms.label_inter_modal, "towers",
+         hyperparameters=("label_similarity_scale", "modality_invariance"), check=label_terms.check_label_settings),
+    Term("topic_prediction", topic_terms.topic_prediction, "towers", check=topic_terms.check_topic_prediction),
     Term("image_text_matching", _image_text_matching, "joint",
          hyperparameters=("itm_sampling_temperature",), check=_needs_joint_model("image_text_matching")),
     Term("masked_language_model", _masked_language_model, "joint",

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from vlretrieval import late_interaction, losses, structure_losses
+from vlretrieval import label_losses, late_interaction, losses, structure_losses
 from vlretrieval.parallel.mesh import DATA_AXIS
 from vlretrieval.parallel.ring import ring_sigmoid, ring_softmax_direction, shard_map
 
@@ -191,3 +191,30 @@ class CrossDeviceLosses:
 
         return self._gathered_matrices(block, matrices, arrays, (jnp.asarray(refinement, jnp.float32),),
                                        lambda rows: rows * rows)
+
+    def _label_likelihood(self, matrices, image_embeddings, text_embeddings, labels, scale, normaliser):
+        """Sum over `matrices` ((weight, rows, columns, exclude_self) of "image" / "text") of the
+        pairwise NLL of each device's rows against every device's columns and labels (all-gathered;
+        memory O(b x B)), over `normaliser`(B)."""
+        arrays = {"image": image_embeddings, "text": text_embeddings, "labels": labels}
+        groups = [(weight, {"x": rows, "labels": "labels"}, {"x": columns, "labels": "labels"}, exclude_self)
+                  for weight, rows, columns, exclude_self in matrices]
+
+        def block(rows, columns, first, values, exclude_self):
+            return label_losses.pairwise_likelihood_rows(rows["x"], columns["x"], rows["labels"], columns["labels"],
+                                                         values[0], first, exclude_self)
+
+        return self._gathered_matrices(block, groups, arrays, (jnp.asarray(scale, jnp.float32),), normaliser)
+
+    def label_intra_modal_loss(self, image_embeddings, text_embeddings, labels, scale):
+        """`losses.label_intra_modal_loss` over the global batch (labels gathered with the rows)."""
+        matrices = [(1.0, "image", "image", True), (1.0, "text", "text", True)]
+        return self._label_likelihood(matrices, image_embeddings, text_embeddings, labels, scale,
+                                      lambda rows: jnp.maximum(rows * (rows - 1), 1))
+
+    def label_inter_modal_loss(self, image_embeddings, text_embeddings, labels, scale, modality_invariance=1.0):
+        """`losses.label_inter_modal_loss` over the global batch: the image x text NLL from gathered
+        columns; the modality gap pairs rows on the same device, a plain mean that jit reduces."""
+        cross = self._label_likelihood([(1.0, "image", "text", False)], image_embeddings, text_embeddings, labels,
+                                       scale, lambda rows: rows * rows)
+        return cross + modality_invariance * label_losses.modality_gap(image_embeddings, text_embeddings)

@@ -20,7 +20,6 @@ import tensorflow_datasets as tfds
 
 from vlretrieval.data import tokenizer as tokenizer_lib
 from vlretrieval.data.builders import building, captions, scenes, translation_pairs
-from vlretrieval.files import replaced_atomically
 from vlretrieval.data.builders.building import load_prepared_dataset  # noqa: F401 (API)
 
 # Re-exported: the demo set's vocabulary, languages and scene identity are part of its API.
@@ -31,6 +30,7 @@ from vlretrieval.data.builders.captions import (  # noqa: F401
 )
 from vlretrieval.data.builders.scenes import description  # noqa: F401
 from vlretrieval.errors import UserError
+from vlretrieval.files import replaced_atomically
 
 SPLITS = ("train", "validation", "test")
 # Test images get distinct descriptions, so every test caption has exactly one correct image.

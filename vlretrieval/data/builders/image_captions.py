@@ -9,16 +9,21 @@ Bad records do not stop a multi-day run: a missing or undecodable image, or an e
 skipped and counted (or, with `on_bad_record="fail"`, fails the build naming the file). The counts
 are printed when preparation ends, saved beside the data (`bad_records.json`), and printed again
 at every training epoch.
+
+The category-labelled layouts (`labelled_layouts.LABELLED_LAYOUTS`) add a `labels` feature: each
+record's indices into the sorted category names of the files, which the dataset's metadata holds
+as `categories` (read them with `categories(builder)`); a record without a category is skipped and
+counted. Caption-only layouts have neither, so their builds are unchanged.
 """
 
 from __future__ import annotations
 
-import logging
 import collections
 import dataclasses
 import hashlib
 import io
 import json
+import logging
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -27,7 +32,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, UnidentifiedImageError
 
-from vlretrieval.data.builders import building, layouts
+from vlretrieval.data.builders import building, labelled_layouts, layouts
 from vlretrieval.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -51,6 +56,11 @@ class ImageCaptionsConfig(tfds.core.BuilderConfig):
     languages: tuple[str, ...] = ()
     splits: tuple[str, ...] = ()
     on_bad_record: str = "skip"
+    categories: tuple[str, ...] = ()  # sorted category names of a labelled layout, else ()
+
+    @property
+    def labelled(self) -> bool:
+        return self.layout in labelled_layouts.LABELLED_LAYOUTS
 
 
 class BadRecords:
@@ -102,25 +112,28 @@ class ImageCaptions(building.LocalBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         config = self.builder_config
+        features = {
+            # Encoded bytes (JPEG, PNG, ...) as stored on disk: an Image feature would need
+            # TensorFlow to re-encode, and decoding belongs to the input pipeline.
+            "image": tfds.features.Tensor(shape=(), dtype=np.object_),
+            "image_id": tfds.features.Text(),
+            "captions": tfds.features.FeaturesDict(
+                {lang: tfds.features.Sequence(tfds.features.Text())
+                 for lang in config.languages}
+            ),
+        }
+        metadata = dict(
+            layout=config.layout, source_dir=config.source_dir, images_dir=config.images_dir,
+            options=dict(config.options), on_bad_record=config.on_bad_record,
+        )
+        if config.labelled:
+            features["labels"] = tfds.features.Sequence(np.int64)  # indices into `categories`
+            metadata["categories"] = list(config.categories)
         return tfds.core.DatasetInfo(
             builder=self,
             description=__doc__.splitlines()[0],
-            features=tfds.features.FeaturesDict(
-                {
-                    # Encoded bytes (JPEG, PNG, ...) as stored on disk: an Image feature would need
-                    # TensorFlow to re-encode, and decoding belongs to the input pipeline.
-                    "image": tfds.features.Tensor(shape=(), dtype=np.object_),
-                    "image_id": tfds.features.Text(),
-                    "captions": tfds.features.FeaturesDict(
-                        {lang: tfds.features.Sequence(tfds.features.Text())
-                         for lang in config.languages}
-                    ),
-                }
-            ),
-            metadata=tfds.core.MetadataDict(
-                layout=config.layout, source_dir=config.source_dir, images_dir=config.images_dir,
-                options=dict(config.options), on_bad_record=config.on_bad_record,
-            ),
+            features=tfds.features.FeaturesDict(features),
+            metadata=tfds.core.MetadataDict(**metadata),
         )
 
     def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[str, dict[str, Any]]]]:
@@ -132,6 +145,7 @@ class ImageCaptions(building.LocalBuilder):
         ):
             by_split.setdefault(record.split, []).append(record)
         self.bad_records = BadRecords(config.on_bad_record)
+        self.category_index = {name: index for index, name in enumerate(config.categories)}
         # tfds cannot write an empty split: one that is empty in the files is left out.
         return {
             split: self._generate_examples(split, records) for split, records in by_split.items() if records
@@ -155,7 +169,11 @@ class ImageCaptions(building.LocalBuilder):
             )
 
     def _checked(self, record: layouts.SourceRecord) -> dict[str, Any] | None:
-        """The example for `record`, or None (counted) if its image or every caption is bad."""
+        """The example for `record`, or None (counted) if its image, its label or every caption is bad."""
+        labelled = self.builder_config.labelled
+        if labelled and not record.labels:
+            self.bad_records.found("record without a category label", f"{record.image_id} in {record.image_path}")
+            return None
         try:
             with open(record.image_path, "rb") as handle:
                 data = handle.read()
@@ -184,7 +202,10 @@ class ImageCaptions(building.LocalBuilder):
         if not any(captions.values()):
             self.bad_records.found("image without captions", record.image_path)
             return None
-        return {"image": data, "image_id": record.image_id, "captions": captions}
+        example = {"image": data, "image_id": record.image_id, "captions": captions}
+        if labelled:
+            example["labels"] = np.array([self.category_index[name] for name in record.labels], np.int64)
+        return example
 
 
 def builder_config(
@@ -209,6 +230,7 @@ def builder_config(
     source_dir = os.path.abspath(source_dir)
     images_dir = os.path.abspath(images_dir) if images_dir else ""
     options = tuple(sorted((options or {}).items()))
+    labelled = layout in labelled_layouts.LABELLED_LAYOUTS
     identity = json.dumps([layout, source_dir, images_dir, options, on_bad_record])
     return ImageCaptionsConfig(
         name=f"{layout}_{hashlib.sha1(identity.encode()).hexdigest()[:12]}",
@@ -220,7 +242,23 @@ def builder_config(
         languages=tuple(layouts.layout_languages(layout, source_dir, **dict(options))),
         splits=tuple(layouts.layout_splits(layout, source_dir, **dict(options))),
         on_bad_record=on_bad_record,
+        categories=layouts.layout_categories(layout, source_dir, **dict(options)) if labelled else (),
     )
+
+
+def categories(builder: tfds.core.DatasetBuilder) -> tuple[str, ...] | None:
+    """The category names a labelled dataset's `labels` index (its metadata's `categories`), or
+    None for data without labels."""
+    if "labels" not in builder.info.features.keys():
+        return None
+    metadata = builder.info.metadata
+    names = metadata.get("categories") if metadata is not None else None
+    if not isinstance(names, list):
+        raise UserError(
+            f"the dataset at {os.fspath(builder.data_dir)} has labels but no category names in its "
+            "metadata: prepare it again"
+        )
+    return tuple(names)
 
 
 def bad_records_path(builder: tfds.core.DatasetBuilder) -> str:

@@ -1,8 +1,9 @@
 """Checked reading of a benchmark layout's text files: every failure names the file (and line)
-and what was expected, as one `UserError`."""
+and what was expected, as one `UserError`; and `SourceRecord`, what every layout reader yields."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import os
@@ -18,6 +19,20 @@ SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 SPLIT_RENAMES = {"val": "validation"}
 # ISO 639 codes, optionally with a region or script: "en", "fil", "pt_BR", "zh_Hant".
 LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}(_[A-Za-z]{2,4})?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceRecord:
+    """One image and its captions. Every record of a layout holds every language of
+    `layout_languages`, with an empty list where the image has no caption in it."""
+
+    split: str  # tfds split name: "train", "validation", "test", "restval" or the layout's own
+    image_path: str  # absolute; the file may be missing or corrupt (the builder counts that)
+    image_id: str  # stable id of the image within the dataset
+    captions: dict[str, list[str]]  # language code -> raw captions in file order, empty ones kept
+    # Category names (labelled_layouts.py); empty for caption-only layouts. A record of a labelled
+    # layout without one is the builder's to count.
+    labels: tuple[str, ...] = ()
 
 
 def require_file(path: str, what: str) -> str:
@@ -39,6 +54,21 @@ def read_lines(path: str) -> list[str]:
     if lines[-1] == "":
         lines.pop()  # the newline that ends the last line starts no new one
     return [line.removesuffix("\r") for line in lines]
+
+
+def columns(path: str, count: int, separator: str | None = None) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) for every non-blank line of a table of `count` fields a line, split
+    at `separator` (each field stripped) or, if None, at runs of whitespace."""
+    for number, line in enumerate(read_lines(path), start=1):
+        if not line.strip():
+            continue
+        values = [value.strip() for value in line.split(separator)] if separator else line.split()
+        if len(values) != count:
+            spelled = "whitespace" if separator is None else repr(separator)
+            raise UserError(
+                f"{path}, line {number}: expected {count} fields separated by {spelled}, found {len(values)}"
+            )
+        yield number, values
 
 
 def load_json(path: str) -> Any:

@@ -14,22 +14,24 @@ unpacks to; `images_dir` defaults to `<source_dir>/images` (to `source_dir` for 
                   data/task1/raw/<split>.<lang>[.gz]; Flickr30K images flat in images/.
   jsonl           your own captions.jsonl; images relative to source_dir.
 
+The category-labelled layouts (wikipedia, pascal_sentence, cub, abo, fashion200k) are read by
+`labelled_layouts.py`, each with its own default `images_dir`; their records carry `labels`.
 Readers check the text files only: a missing or corrupt image is the builder's to count.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from vlretrieval.data.builders import layout_files
+from vlretrieval.data.builders import labelled_layouts, layout_files
+from vlretrieval.data.builders.layout_files import SourceRecord
 from vlretrieval.errors import UserError
 
-LAYOUTS = ("karpathy", "crossmodal3600", "xtd10", "multi30k", "jsonl")
+LAYOUTS = ("karpathy", "crossmodal3600", "xtd10", "multi30k", "jsonl", *labelled_layouts.LABELLED_LAYOUTS)
 
 # Options each layout takes, with the type a value must have (None is always allowed).
 _OPTIONS: dict[str, dict[str, type]] = {
@@ -38,17 +40,34 @@ _OPTIONS: dict[str, dict[str, type]] = {
     "xtd10": {},
     "multi30k": {"coco_images_dir": str},
     "jsonl": {"language": str},
+    **labelled_layouts.OPTIONS,
 }
+# Where images are when images_dir is not given, relative to source_dir.
+_IMAGES_DIRS = {"jsonl": "", **labelled_layouts.IMAGES_DIRS}
 
-@dataclasses.dataclass(frozen=True)
-class SourceRecord:
-    """One image and its captions. Every record of a layout holds every language of
-    `layout_languages`, with an empty list where the image has no caption in it."""
-
-    split: str  # tfds split name: "train", "validation", "test", "restval" or the layout's own
-    image_path: str  # absolute; the file may be missing or corrupt (the builder counts that)
-    image_id: str  # stable id of the image within the dataset
-    captions: dict[str, list[str]]  # language code -> raw captions in file order, empty ones kept
+def parse_layout_options(layout: str, text: str) -> dict[str, Any]:
+    """`config.data.layout_options` ("test_per_category=10,class_split=true") as typed options of
+    `layout`; an unknown name or a value of the wrong type is one line."""
+    options: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, equals, value = item.partition("=")
+        allowed = _OPTIONS.get(layout, {})
+        if not equals or name not in allowed:
+            known = ", ".join(allowed) or "none"
+            raise UserError(f"config.data.layout_options: {item!r} is not NAME=VALUE with a NAME of layout "
+                            f"{layout!r} (its options: {known})")
+        kind = allowed[name]
+        try:
+            if kind is bool:
+                if value.lower() not in ("true", "false"):
+                    raise ValueError(value)
+                options[name] = value.lower() == "true"
+            else:
+                options[name] = kind(value)
+        except ValueError:
+            raise UserError(f"config.data.layout_options: {name} of layout {layout!r} must be a {kind.__name__}, "
+                            f"not {value!r}") from None
+    return options
 
 
 def layout_languages(layout: str, source_dir: str, **options: Any) -> tuple[str, ...]:
@@ -72,7 +91,7 @@ def read_layout(
     if not os.path.isdir(source_dir):
         raise UserError(f"source directory {source_dir} does not exist")
     if images_dir is None:
-        images_dir = os.path.join(source_dir, "" if layout == "jsonl" else "images")
+        images_dir = os.path.join(source_dir, _IMAGES_DIRS.get(layout, "images"))
     return _READERS[layout](os.path.abspath(source_dir), os.path.abspath(images_dir), **options)
 
 
@@ -86,13 +105,20 @@ def _check_options(layout: str, options: dict[str, Any]) -> None:
             raise UserError(f"option {name} of layout {layout!r} must be a {kind.__name__}")
 
 
+def layout_categories(layout: str, source_dir: str, **options: Any) -> tuple[str, ...]:
+    """Sorted category names the records carry (reads the files through); () if unlabelled."""
+    return _scan(layout, source_dir, options)[2]
+
+
 def _scan(layout: str, source_dir: str, options: dict[str, Any]) -> tuple[tuple[str, ...], ...]:
     splits: dict[str, None] = {}  # an ordered set
     languages: set[str] = set()
+    categories: set[str] = set()
     for record in read_layout(layout, source_dir, **options):
         splits.setdefault(record.split)
         languages.update(record.captions)
-    return tuple(splits), tuple(sorted(languages))
+        categories.update(record.labels)
+    return tuple(splits), tuple(sorted(languages)), tuple(sorted(categories))
 
 
 # --- karpathy ------------------------------------------------------------------------------------
@@ -330,4 +356,5 @@ _READERS: dict[str, Callable[..., Iterator[SourceRecord]]] = {
     "xtd10": _read_xtd10,
     "multi30k": _read_multi30k,
     "jsonl": _read_jsonl,
+    **labelled_layouts.READERS,
 }
