@@ -53,7 +53,9 @@ def test_incompatible_encoders_and_files_are_refused_in_one_line(tmp_path):
 
 
 class FakeData:
-    """What `datasets.open_dataset` returns, for a tiny in-memory split."""
+    """What `datasets.open_dataset` returns, for a tiny in-memory split (without category labels)."""
+
+    categories = None
 
     def __init__(self, tokenizer, images, captions):
         self.tokenizer = tokenizer
