@@ -54,6 +54,34 @@ def _label_precision_chunk(queries, query_labels, query_index, gallery, gallery_
     return ranked_precision(scores, relevant)
 
 
+def mean_precision_in_chunks(
+    chunk_precision, query_arrays: Sequence[np.ndarray], gallery_arrays: Sequence[Any], gallery_size: int,
+    max_scores_per_chunk: int = 1 << 24,
+) -> tuple[float, float]:
+    """(mAP, mAP@R) in percent over the queries with at least one relevant gallery item, from a
+    jitted `chunk_precision(*query_rows, *gallery_arrays) -> (AP, AP@R, R)` run on chunks of the
+    `query_arrays` (aligned per query). Each chunk sorts whole score rows on the device: memory
+    O(chunk x gallery), the chunk holding about `max_scores_per_chunk` scores; the last chunk is
+    padded with its last row so that one shape is compiled."""
+    count = len(query_arrays[0])
+    chunk = max(1, min(count, max_scores_per_chunk // max(gallery_size, 1)))
+    averages, at_rs, totals = [], [], []
+    for start in range(0, count, chunk):
+        rows = [np.asarray(array[start : start + chunk]) for array in query_arrays]
+        real = len(rows[0])
+        if real < chunk:
+            rows = [np.concatenate([r, np.repeat(r[-1:], chunk - real, axis=0)]) for r in rows]
+        average, at_r, total = (np.asarray(x)[:real] for x in chunk_precision(*rows, *gallery_arrays))
+        averages.append(average), at_rs.append(at_r), totals.append(total)
+    has_relevant = np.concatenate(totals) > 0
+    if not has_relevant.any():
+        return 0.0, 0.0
+    return (
+        float(np.concatenate(averages)[has_relevant].mean() * 100.0),
+        float(np.concatenate(at_rs)[has_relevant].mean() * 100.0),
+    )
+
+
 def label_average_precision(
     queries: np.ndarray,
     query_labels: np.ndarray,
@@ -66,31 +94,12 @@ def label_average_precision(
     a shared category of the multi-hot `*_labels` rows. `exclude_self`: the queries are the gallery
     (query q is gallery item q) and each is left out of its own ranking. Memory O(chunk x gallery),
     the chunk holding about `max_scores_per_chunk` scores."""
-    chunk = max(1, min(len(queries), max_scores_per_chunk // max(len(gallery), 1)))
-    gallery = jnp.asarray(gallery, jnp.float32)
-    gallery_labels = jnp.asarray(gallery_labels, jnp.float32)
     indices = np.arange(len(queries), dtype=np.int32) if exclude_self else np.full(len(queries), -1, np.int32)
-    averages, at_rs, totals = [], [], []
-    for start in range(0, len(queries), chunk):
-        rows = np.asarray(queries[start : start + chunk], np.float32)
-        labels = np.asarray(query_labels[start : start + chunk], np.float32)
-        own = indices[start : start + chunk]
-        real = len(rows)
-        if real < chunk:  # one compiled shape
-            pad = chunk - real
-            rows = np.concatenate([rows, np.repeat(rows[-1:], pad, axis=0)])
-            labels = np.concatenate([labels, np.repeat(labels[-1:], pad, axis=0)])
-            own = np.concatenate([own, np.repeat(own[-1:], pad)])
-        outputs = _label_precision_chunk(rows, labels, own, gallery, gallery_labels)
-        average, at_r, total = (np.asarray(x)[:real] for x in outputs)
-        averages.append(average), at_rs.append(at_r), totals.append(total)
-    has_relevant = np.concatenate(totals) > 0
-    if not has_relevant.any():
-        return 0.0, 0.0
-    return (
-        float(np.concatenate(averages)[has_relevant].mean() * 100.0),
-        float(np.concatenate(at_rs)[has_relevant].mean() * 100.0),
-    )
+    return mean_precision_in_chunks(
+        _label_precision_chunk,
+        [np.asarray(queries, np.float32), np.asarray(query_labels, np.float32), indices],
+        [jnp.asarray(gallery, jnp.float32), jnp.asarray(gallery_labels, jnp.float32)], len(gallery),
+        max_scores_per_chunk)
 
 
 def label_metrics(

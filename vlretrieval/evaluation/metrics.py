@@ -34,7 +34,12 @@ import numpy as np
 
 from vlretrieval.errors import UserError
 from vlretrieval.evaluation import search
-from vlretrieval.evaluation.label_metrics import LABEL_METRICS, label_metrics, ranked_precision
+from vlretrieval.evaluation.label_metrics import (
+    LABEL_METRICS,
+    label_metrics,
+    mean_precision_in_chunks,
+    ranked_precision,
+)
 
 DIRECTIONS = ("text_to_image", "image_to_text")
 METRICS = ("recall", "rank", "mean_recall", "paired_recall", "map", "map_at_r", "hamming", "ndcg")
@@ -122,27 +127,10 @@ def average_precision(
     Each query chunk sorts its whole score row on the device: memory O(chunk x gallery), the chunk
     sized so that it holds about `max_scores_per_chunk` scores.
     """
-    chunk = max(1, min(len(queries), max_scores_per_chunk // max(len(gallery), 1)))
-    gallery = jnp.asarray(gallery, jnp.float32)
-    gallery_labels = jnp.asarray(gallery_labels, jnp.int32)
-    averages, at_rs, totals = [], [], []
-    for start in range(0, len(queries), chunk):
-        rows = np.asarray(queries[start : start + chunk], np.float32)
-        labels = np.asarray(query_labels[start : start + chunk], np.int32)
-        real = len(rows)
-        if real < chunk:  # one compiled shape
-            rows = np.concatenate([rows, np.repeat(rows[-1:], chunk - real, axis=0)])
-            labels = np.concatenate([labels, np.repeat(labels[-1:], chunk - real)])
-        outputs = _average_precision_chunk(rows, labels, gallery, gallery_labels)
-        average, at_r, total = (np.asarray(x)[:real] for x in outputs)
-        averages.append(average), at_rs.append(at_r), totals.append(total)
-    has_positive = np.concatenate(totals) > 0
-    if not has_positive.any():
-        return 0.0, 0.0
-    return (
-        float(np.concatenate(averages)[has_positive].mean() * 100.0),
-        float(np.concatenate(at_rs)[has_positive].mean() * 100.0),
-    )
+    return mean_precision_in_chunks(
+        _average_precision_chunk, [np.asarray(queries, np.float32), np.asarray(query_labels, np.int32)],
+        [jnp.asarray(gallery, jnp.float32), jnp.asarray(gallery_labels, jnp.int32)], len(gallery),
+        max_scores_per_chunk)
 
 
 def binary_codes(embeddings: np.ndarray) -> np.ndarray:
